@@ -1,0 +1,316 @@
+"""Built-in estimators of KL, aggregate entropy, cross-entropy and mutual information.
+
+All return per-example contributions of shape (B,) in nats (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import distributions as D
+
+from elbokit.batch import Batch
+from elbokit.errors import ElbokitError
+from elbokit.estimators import Estimator
+from elbokit.hookspecs import hookimpl
+from elbokit.ops import LOG_2PI, log_unit_ball_volume, logsumexp_gaussian_mixture, pairwise_gaussian_log_density
+from elbokit.priors import Prior
+
+
+def _require_dataset_size(batch: Batch, who: str) -> int:
+    if batch.dataset_size is None:
+        raise ElbokitError(f"The {who} estimator needs the dataset size N: pass dataset_size= to build_objective or the Batch.")
+    if batch.dataset_size < batch.size:
+        raise ElbokitError(f"The dataset size N={batch.dataset_size} is smaller than the batch ({batch.size}).")
+    return batch.dataset_size
+
+
+def _has_analytic_kl(posterior: type, prior_dist: D.Distribution | None) -> bool:
+    if prior_dist is None:
+        return False
+    try:
+        D.kl._dispatch_kl(posterior, type(prior_dist))
+        return True
+    except NotImplementedError:
+        return False
+
+
+# ----------------------------------------------------------------------------- KL(q(z|x)||p)
+class AnalyticKL(Estimator):
+    """Closed-form KL(q(z|x) || p(z)) via torch.distributions.kl_divergence."""
+
+    quantity, name, kind = "kl", "analytic", "exact"
+
+    def check_prior(self, prior: Prior) -> str | None:
+        if not _has_analytic_kl(D.Independent, prior.distribution() if prior.has_log_prob else None):
+            return (f"no closed-form KL is registered for a Gaussian posterior and prior '{prior.name}'; "
+                    "use kl.estimator=mc (or auto).")
+        return None
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        return D.kl_divergence(batch.posterior, prior.distribution())
+
+
+class MonteCarloKL(Estimator):
+    """Monte-Carlo KL: log q(z|x) - log p(z) at the batch's sample z (unbiased)."""
+
+    quantity, name = "kl", "mc"
+    needs = frozenset({"prior_log_prob"})
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        return batch.posterior.log_prob(batch.z) - prior.log_prob(batch.z)
+
+
+class AutoKL(Estimator):
+    """Analytic KL where torch has the pair registered, else Monte Carlo."""
+
+    quantity, name = "kl", "auto"
+    needs = frozenset({"prior_log_prob"})
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        dist = prior.distribution()
+        if _has_analytic_kl(type(batch.posterior), dist):
+            return D.kl_divergence(batch.posterior, dist)
+        return batch.posterior.log_prob(batch.z) - prior.log_prob(batch.z)
+
+
+# ------------------------------------------------------------------------------- H[q(z)]
+def mss_log_weights(m: int, n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """log w for minibatch stratified sampling (Chen et al. 2018), shape (M, M).
+
+    Row i: w_ii = 1/N (z_i's own posterior), one stratum entry (N-M+1)/(N(M-1)) at column
+    (i+1) mod M, and 1/(M-1) for the other M-2 columns; every row sums to 1. (Widely copied
+    code puts the 1/N in column 0 instead of on the diagonal.)
+    """
+    if m < 2:
+        raise ElbokitError("The mss estimator needs a batch of at least 2.")
+    w = torch.full((m, m), 1.0 / (m - 1), dtype=torch.float64)
+    idx = torch.arange(m)
+    w[idx, (idx + 1) % m] = (n - m + 1) / (n * (m - 1))
+    w[idx, idx] = 1.0 / n
+    return w.log().to(device=device, dtype=dtype)
+
+
+class EntropyMWS(Estimator):
+    """Minibatch weighted sampling: log q^(z_i) = logsumexp_j log q(z_i|x_j) - log(N M)."""
+
+    quantity, name = "entropy", "mws"
+    needs = frozenset({"dataset_size"})
+
+    def __init__(self, chunk: int = 256):
+        super().__init__()
+        self.chunk = int(chunk)
+
+    def log_aggregate(self, batch: Batch) -> torch.Tensor:
+        n = _require_dataset_size(batch, "mws")
+        lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale, chunk=self.chunk)
+        return lse - math.log(n * batch.size)
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        return -self.log_aggregate(batch)
+
+
+class EntropyMSS(Estimator):
+    """Minibatch stratified sampling: log q^(z_i) = logsumexp_j (log w_ij + log q(z_i|x_j))."""
+
+    quantity, name = "entropy", "mss"
+    needs = frozenset({"dataset_size"})
+
+    def __init__(self, chunk: int = 256):
+        super().__init__()
+        self.chunk = int(chunk)
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        n = _require_dataset_size(batch, "mss")
+        log_w = mss_log_weights(batch.size, n, device=batch.z.device, dtype=batch.z.dtype)
+        lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale, log_w, chunk=self.chunk)
+        return -lse
+
+
+class EntropyGaussian(Estimator):
+    """Entropy of a Gaussian fitted to the batch's z: an upper bound on H[q(z)] for that covariance."""
+
+    quantity, name, kind = "entropy", "gaussian", "upper bound"
+
+    def __init__(self, jitter: float = 1e-6):
+        super().__init__()
+        self.jitter = float(jitter)
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        z = batch.z
+        if batch.size < 2:
+            raise ElbokitError("The gaussian entropy estimator needs a batch of at least 2.")
+        cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1])
+        cov = cov + self.jitter * torch.eye(z.shape[1], device=z.device, dtype=z.dtype)
+        h = 0.5 * (z.shape[1] * (1.0 + LOG_2PI) + torch.logdet(cov))
+        return h.expand(batch.size)
+
+
+class ConditionalEntropyLogvar(Estimator):
+    """The paper's 0.5*sum(1 + log 2pi + log s^2): the CONDITIONAL entropy E_x H[q(z|x)], not H[q(z)]."""
+
+    quantity, name, kind = "entropy", "logvar", "estimate"
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        scale = batch.posterior_scale
+        return 0.5 * (1.0 + LOG_2PI + 2.0 * scale.log()).sum(-1)
+
+
+def _kth_distance(query: torch.Tensor, ref: torch.Tensor, k: int, exclude_self: bool) -> torch.Tensor:
+    """Distance from each query row to its k-th nearest row of `ref`, differentiable."""
+    dist = torch.cdist(query, ref)
+    if exclude_self:
+        dist = dist + torch.diag(torch.full((query.shape[0],), float("inf"), device=query.device, dtype=query.dtype))
+    return dist.topk(k, dim=1, largest=False).values[:, -1]
+
+
+class EntropyKNN(Estimator):
+    """Kozachenko-Leonenko k-nearest-neighbour entropy of the batch's z; needs no density."""
+
+    quantity, name = "entropy", "knn"
+
+    def __init__(self, k: int = 3):
+        super().__init__()
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = int(k)
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        m, d = batch.z.shape
+        if m <= self.k:
+            raise ElbokitError(f"The knn entropy estimator needs a batch larger than k={self.k}.")
+        rho = _kth_distance(batch.z, batch.z, self.k, exclude_self=True).clamp_min(1e-12)
+        const = torch.special.digamma(torch.tensor(float(m))) - torch.special.digamma(torch.tensor(float(self.k)))
+        return float(const) + log_unit_ball_volume(d) + d * rho.log()
+
+
+# --------------------------------------------------------------------------- H[q(z), p(z)]
+class CrossEntropyAnalytic(Estimator):
+    """Closed form for the standard normal: 0.5 * (L log 2pi + ||z||^2)."""
+
+    quantity, name, kind = "cross_entropy", "analytic", "estimate"
+
+    def check_prior(self, prior: Prior) -> str | None:
+        if prior.name != "standard-normal":
+            return f"the analytic cross-entropy is for the standard-normal prior only, not '{prior.name}'; use xent.estimator=mc or knn."
+        return None
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        return 0.5 * (batch.latent_dim * LOG_2PI + batch.z.pow(2).sum(-1))
+
+
+class CrossEntropyMC(Estimator):
+    """Monte Carlo: -log p(z_i) at the batch's codes."""
+
+    quantity, name = "cross_entropy", "mc"
+    needs = frozenset({"prior_log_prob"})
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        return -prior.log_prob(batch.z)
+
+
+class CrossEntropyKNN(Estimator):
+    """k-NN cross-entropy to prior samples: psi(Mp) - psi(k) + log c_d + d log rho_k(z_i)."""
+
+    quantity, name = "cross_entropy", "knn"
+    needs = frozenset({"prior_samples"})
+
+    def __init__(self, k: int = 3, n_prior: int = 2048):
+        super().__init__()
+        if int(k) < 1 or int(n_prior) <= int(k):
+            raise ValueError(f"need k >= 1 and n_prior > k, got k={k}, n_prior={n_prior}")
+        self.k, self.n_prior = int(k), int(n_prior)
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        d = batch.latent_dim
+        ref = prior.sample(self.n_prior).to(batch.z)
+        rho = _kth_distance(batch.z, ref, self.k, exclude_self=False).clamp_min(1e-12)
+        const = torch.special.digamma(torch.tensor(float(self.n_prior))) - torch.special.digamma(torch.tensor(float(self.k)))
+        return float(const) + log_unit_ball_volume(d) + d * rho.log()
+
+
+class CrossEntropyAuto(Estimator):
+    """analytic for the standard normal, mc for priors with log_prob, knn for sample-only priors."""
+
+    quantity, name = "cross_entropy", "auto"
+
+    def __init__(self, k: int = 3, n_prior: int = 2048):
+        super().__init__()
+        self.knn = CrossEntropyKNN(k=k, n_prior=n_prior)
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        if prior.name == "standard-normal":
+            return CrossEntropyAnalytic.forward(self, batch, prior)
+        if prior.has_log_prob:
+            return -prior.log_prob(batch.z)
+        return self.knn(batch, prior)
+
+
+# ------------------------------------------------------------------------------- I(x; z)
+CRITICS = ("dot", "cosine", "encoder")
+
+
+class InfoNCE(Estimator):
+    """InfoNCE lower bound on I(x;z): log K - L_InfoNCE per example (<= log K).
+
+    Critics: `dot` (z_i . z+_j, the paper), `cosine` (cosine similarity / temperature) and
+    `encoder` (log q(z_i|x_j), needs no positives; then the bound equals mi_mws - log N).
+    """
+
+    quantity, name, kind = "mi", "infonce", "lower bound"
+    needs = frozenset({"positives"})  # of the default critic; `encoder` needs none
+
+    def __init__(self, critic: str = "dot", temperature: float = 0.1, chunk: int = 256):
+        super().__init__()
+        if critic not in CRITICS:
+            from elbokit.errors import unknown_name
+
+            raise unknown_name("InfoNCE critic", critic, CRITICS)
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.critic, self.temperature, self.chunk = critic, float(temperature), int(chunk)
+        self.needs = frozenset() if critic == "encoder" else frozenset({"positives"})
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        """Critic matrix S (K, K); row i scores z_i against every candidate j, the positive at j = i."""
+        if self.critic == "encoder":
+            return pairwise_gaussian_log_density(batch.z, batch.posterior_loc, batch.posterior_scale)
+        if batch.z_pos is None:
+            raise ElbokitError(f"The InfoNCE '{self.critic}' critic needs positives (x_pos) in the batch.")
+        if self.critic == "dot":
+            return batch.z @ batch.z_pos.T
+        return F.normalize(batch.z, dim=-1) @ F.normalize(batch.z_pos, dim=-1).T / self.temperature
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        if self.critic == "encoder":
+            lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale, chunk=self.chunk)
+            diag = batch.posterior.log_prob(batch.z)
+        else:
+            s = self.scores(batch)
+            lse, diag = torch.logsumexp(s, dim=1), s.diagonal()
+        return math.log(batch.size) + diag - lse
+
+
+class MutualInformationMWS(Estimator):
+    """MWS estimate of I(x;z): log q(z_i|x_i) - log q^(z_i), with q^ as in entropy/mws."""
+
+    quantity, name = "mi", "mws"
+    needs = frozenset({"dataset_size"})
+
+    def __init__(self, chunk: int = 256):
+        super().__init__()
+        self.entropy = EntropyMWS(chunk=chunk)
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        return batch.posterior.log_prob(batch.z) - self.entropy.log_aggregate(batch)
+
+
+@hookimpl
+def register_estimators(register):
+    for cls in (AnalyticKL, MonteCarloKL, AutoKL,
+                EntropyMWS, EntropyMSS, EntropyGaussian, ConditionalEntropyLogvar, EntropyKNN,
+                CrossEntropyAnalytic, CrossEntropyMC, CrossEntropyKNN, CrossEntropyAuto,
+                InfoNCE, MutualInformationMWS):
+        register(cls)

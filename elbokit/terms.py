@@ -1,0 +1,53 @@
+"""`ElboTerm`: one named term of an objective, returning per-example loss contributions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .batch import Batch
+    from .estimators import Estimator
+    from .priors import Prior
+
+
+class ElboTerm(nn.Module):
+    """A term of the (negative) ELBO, in nats per example, with the ELBO's sign.
+
+    `forward(batch, prior)` returns the loss contribution per example, shape (B,): lower is
+    better, and the objective weights, averages and adds them (DESIGN.md section 1).
+
+    Most terms are `sign * estimate` of one quantity: set `quantity` (see
+    `elbokit.estimators.QUANTITIES`), `default_estimator` and `sign`, and the estimator is
+    chosen by name when the objective is built. Terms that compute their value directly
+    (such as `recon`) set `quantity = None` and override `forward`.
+    """
+
+    name: ClassVar[str] = ""
+    quantity: ClassVar[str | None] = None
+    default_estimator: ClassVar[str | None] = None
+    sign: ClassVar[int] = 1
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, estimator: Estimator | None = None):
+        super().__init__()
+        self.estimator = estimator
+
+    def all_needs(self) -> frozenset[str]:
+        """What this term needs, with its estimator's needs."""
+        extra = self.estimator.needs if self.estimator is not None else frozenset()
+        return frozenset(self.needs) | extra
+
+    def check_prior(self, prior: Prior) -> str | None:
+        """None if this term can use `prior`, else one sentence saying why not."""
+        return self.estimator.check_prior(prior) if self.estimator is not None else None
+
+    def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
+        if self.estimator is None:
+            raise NotImplementedError(f"Term '{self.name}' has no estimator and no forward.")
+        return self.sign * self.estimator(batch, prior)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
