@@ -11,27 +11,59 @@ The public API (plugins import only from here):
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .batch import Batch, gaussian_posterior
-from .errors import ElbokitError, IncompatibleError, PluginError, UnknownNameError
-from .estimators import NEEDS, QUANTITIES, Estimator
-from .hookspecs import hookimpl
-from .likelihoods import Likelihood, make_likelihood
-from .objective import PRESETS, Objective, ObjectiveOutput, build_objective, parse_terms
-from .plugins import Registry, get_registry
-from .priors import Prior
-from .terms import ElboTerm
+from .hookspecs import hookimpl  # pluggy only: cheap
 
 __version__ = "0.1.0"
 
+# The public API, imported on first use so that `elbokit --help` does not pay for torch.
+_EXPORTS = {
+    "Batch": "batch", "gaussian_posterior": "batch",
+    "ElbokitError": "errors", "IncompatibleError": "errors", "PluginError": "errors",
+    "UnknownNameError": "errors",
+    "Estimator": "estimators", "NEEDS": "estimators", "QUANTITIES": "estimators",
+    "Likelihood": "likelihoods", "make_likelihood": "likelihoods",
+    "PRESETS": "objective", "Objective": "objective", "ObjectiveOutput": "objective",
+    "build_objective": "objective", "parse_terms": "objective",
+    "Registry": "plugins", "get_registry": "plugins",
+    "Prior": "priors",
+    "ElboTerm": "terms",
+    "Dataset": "data",
+    "VAE": "models",
+}
 
-def make_prior(name: str, dim: int | None = None, *, registry: Registry | None = None, **options: Any) -> Prior:
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .batch import Batch, gaussian_posterior
+    from .data import Dataset
+    from .errors import ElbokitError, IncompatibleError, PluginError, UnknownNameError
+    from .estimators import NEEDS, QUANTITIES, Estimator
+    from .likelihoods import Likelihood, make_likelihood
+    from .models import VAE
+    from .objective import PRESETS, Objective, ObjectiveOutput, build_objective, parse_terms
+    from .plugins import Registry, get_registry
+    from .priors import Prior
+    from .terms import ElboTerm
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'elbokit' has no attribute {name!r}")
+
+
+def make_prior(name: str, dim: int | None = None, *, registry: Any = None, **options: Any):
     """Build a registered prior by name.
 
     `make_prior("standard-normal", dim=5)`; `make_prior("gmm", samples=array_n_by_dim,
     n_components=3)` (n_components=0 chooses by BIC); `make_prior("samples", samples=...)`.
     """
+    from .errors import ElbokitError
+    from .plugins import get_registry
+
     cls = (registry or get_registry()).prior(name)
     if dim is not None:
         options["dim"] = dim
@@ -41,11 +73,4 @@ def make_prior(name: str, dim: int | None = None, *, registry: Registry | None =
         raise ElbokitError(f"Bad option for prior '{name}': {exc}") from None
 
 
-__all__ = [
-    "Batch", "gaussian_posterior",
-    "ElboTerm", "Prior", "Estimator", "Objective", "ObjectiveOutput", "Likelihood",
-    "build_objective", "make_prior", "make_likelihood", "parse_terms", "PRESETS",
-    "QUANTITIES", "NEEDS", "hookimpl", "Registry", "get_registry",
-    "ElbokitError", "UnknownNameError", "IncompatibleError", "PluginError",
-    "__version__",
-]
+__all__ = sorted([*_EXPORTS, "hookimpl", "make_prior", "__version__"])

@@ -27,3 +27,34 @@ class Dataset:
     @property
     def dim(self) -> int:
         return int(self.x.shape[1])
+
+
+@dataclass
+class Standardizer:
+    """Per-feature standardisation fitted on the training split: x_model = (x - mean) / std.
+
+    A log-density in model space converts to original data units by adding
+    `log_abs_det_jacobian` = -sum(log std) (DESIGN.md section 1)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray, eps: float = 1e-8) -> "Standardizer":
+        std = x.std(axis=0)
+        return cls(mean=x.mean(axis=0), std=np.where(std > eps, std, 1.0))
+
+    @classmethod
+    def identity(cls, dim: int) -> "Standardizer":
+        return cls(mean=np.zeros(dim), std=np.ones(dim))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.std
+
+    def inverse(self, x: np.ndarray) -> np.ndarray:
+        return x * self.std + self.mean
+
+    @property
+    def log_abs_det_jacobian(self) -> float:
+        """Add this to a log-density of standardised x to get one in original units."""
+        return float(-np.log(self.std).sum())

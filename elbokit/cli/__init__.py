@@ -1,0 +1,47 @@
+"""The `elbokit` command line: thin Typer commands that parse, call the library and print.
+
+Command modules import torch and the library inside their functions, so that `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from . import listing
+
+app = typer.Typer(
+    name="elbokit",
+    help="Compose, train and honestly evaluate VAE objectives from pluggable terms, priors and estimators.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+listing.register(app)
+for _module in ("train", "evaluate", "data", "plot"):
+    try:
+        __import__(f"{__name__}.{_module}", fromlist=["register"]).register(app)
+    except ModuleNotFoundError as exc:  # a command group not written yet
+        if exc.name != f"{__name__}.{_module}":
+            raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script. Usage errors are one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        return 130
+    except typer.TyperException as exc:  # bad option, missing argument, unknown command
+        print(f"Error: {exc.format_message()}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2) or 2
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())

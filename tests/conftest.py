@@ -1,0 +1,43 @@
+"""Shared fixtures. Entry-point plugins are off for the whole suite (tests see the built-ins
+only), except in the tests that check entry-point discovery and turn it back on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+os.environ.setdefault("ELBOKIT_DISABLE_PLUGINS", "1")
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the `elbokit` command line in-process: run_cli("terms", "--json")."""
+    from elbokit.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture
+def fresh_registry():
+    """A registry of the built-ins only, installed as the process registry for the test."""
+    from elbokit.plugins import Registry, set_registry
+
+    registry = Registry.build(load_entry_points=False, strict=True)
+    set_registry(registry)
+    yield registry
+    set_registry(None)
