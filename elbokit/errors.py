@@ -28,5 +28,5 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> UnknownNameErr
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return UnknownNameError(
-        f"Unknown {kind} '{name}'.{hint} Valid choices: {', '.join(choices) or '(none)'}."
+        f"Unknown {kind} {name!r}.{hint} Valid choices: {', '.join(choices) or '(none)'}."
     )

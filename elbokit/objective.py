@@ -41,7 +41,7 @@ def parse_terms(spec: str | Sequence[str]) -> list[tuple[str, float]]:
         match = _TERM_ITEM.match(item)
         if not match:
             raise ElbokitError(
-                f"Cannot read term '{item}' in --terms: write comma-separated name[:weight] "
+                f"Cannot read term {item!r} in --terms: write comma-separated name[:weight] "
                 "items, e.g. recon,kl:0.5."
             )
         name, weight_text = match.group(1), match.group(2)
@@ -50,9 +50,9 @@ def parse_terms(spec: str | Sequence[str]) -> list[tuple[str, float]]:
             try:
                 weight = float(weight_text)
             except ValueError:
-                raise ElbokitError(f"The weight of term '{name}' must be a number, got '{weight_text}'.") from None
+                raise ElbokitError(f"The weight of term '{name}' must be a number, got {weight_text!r}.") from None
             if not math.isfinite(weight):
-                raise ElbokitError(f"The weight of term '{name}' must be finite, got '{weight_text}'.")
+                raise ElbokitError(f"The weight of term '{name}' must be finite, got {weight_text!r}.")
         if name in PRESETS:
             raise ElbokitError(f"Preset '{name}' cannot be mixed with other terms; use it alone.")
         if any(name == n for n, _ in parsed):
