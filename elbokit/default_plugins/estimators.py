@@ -31,8 +31,8 @@ def _has_analytic_kl(posterior: type, prior_dist: D.Distribution | None) -> bool
     if prior_dist is None:
         return False
     try:
-        D.kl._dispatch_kl(posterior, type(prior_dist))
-        return True
+        # _dispatch_kl returns NotImplemented (it does not raise) when no pair is registered.
+        return D.kl._dispatch_kl(posterior, type(prior_dist)) is not NotImplemented
     except NotImplementedError:
         return False
 
