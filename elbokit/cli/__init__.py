@@ -31,7 +31,10 @@ for _module in ("train", "evaluate", "data", "plot"):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. Usage errors are one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click *returns* the code of a typer.Exit raised in a command.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool):
+            return code
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:

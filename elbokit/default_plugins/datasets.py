@@ -1,8 +1,35 @@
-"""Built-in datasets (filled in by elbokit.data)."""
+"""Built-in datasets: the paper's synthetic `gaussian` and `mixture`, and scikit-learn's `digits`."""
 
 from elbokit.hookspecs import hookimpl
 
 
+def gaussian(n: int = 10000, data_dim: int = 20, latent_dim: int = 5, noise_std: float = 0.5,
+             radius: float = 0.1, seed: int = 0):
+    """The paper's dataset 1: z ~ N(0, I), x = z W + N(0, noise_std^2), positives x + N(0, radius^2)."""
+    from elbokit.data.synthetic import generate
+
+    return generate("gaussian", n=n, data_dim=data_dim, latent_dim=latent_dim, noise_std=noise_std,
+                    radius=radius, seed=seed)
+
+
+def mixture(n: int = 10000, data_dim: int = 20, latent_dim: int = 5, noise_std: float = 0.5,
+            radius: float = 0.1, seed: int = 0):
+    """The paper's dataset 2: sinusoid-modulated Gaussian latent columns, x = z W + noise, positives."""
+    from elbokit.data.synthetic import generate
+
+    return generate("mixture", n=n, data_dim=data_dim, latent_dim=latent_dim, noise_std=noise_std,
+                    radius=radius, seed=seed)
+
+
+def digits(radius: float = 0.1, seed: int = 0):
+    """scikit-learn's 8x8 digits (1797 x 64) in [0, 1]; positives are clipped pixel jitter."""
+    from elbokit.data.files import load_digits
+
+    return load_digits(radius=radius, seed=seed)
+
+
 @hookimpl
 def register_datasets(register):
-    pass
+    register("gaussian", gaussian, "The paper's dataset 1: linear-Gaussian, z ~ N(0, I_5), 10000 x 20, with positives.")
+    register("mixture", mixture, "The paper's dataset 2: modulated Gaussian-mixture latents, 10000 x 20, with positives.")
+    register("digits", digits, "scikit-learn's 8x8 digits (1797 x 64) scaled to [0, 1], with jittered positives.")

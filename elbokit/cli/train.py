@@ -1,0 +1,180 @@
+"""`elbokit train`: parse options into a config, call `elbokit.train.train`, show progress."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .common import EXIT_BAD_INPUT, handle_errors, print_json
+
+RESUME_HINT = "elbokit train --resume {run_dir}"
+
+
+class RichReporter:
+    """A rich progress bar on stderr: epochs, steps of the epoch, the terms and the validation metric."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.progress = None
+
+    def start(self, *, run_dir: Path, first_epoch: int, max_epochs: int, steps_per_epoch: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console.print(f"Training into [bold]{run_dir}[/bold]")
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.epochs = self.progress.add_task("epoch", total=max_epochs, completed=first_epoch, info="")
+        self.steps = self.progress.add_task("step ", total=steps_per_epoch, info="")
+
+    def step(self) -> None:
+        # rich only redraws a few times a second; advancing is cheap and never syncs the device.
+        self.progress.advance(self.steps)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        terms = " ".join(f"{k} {v:.3g}" for k, v in record["train"]["terms"].items())
+        metric = record["select_metric"]
+        val = record["val"][metric]
+        label = "val -ELBO" if metric == "neg_elbo" else "val loss"
+        self.progress.update(self.epochs, completed=record["epoch"],
+                             info=f"{label} {val:.4g} (best {record['best_value']:.4g} @ {record['best_epoch']})")
+        self.progress.update(self.steps, completed=0, info=terms)
+
+    def note(self, message: str) -> None:
+        self.console.print(f"Note: {message}", highlight=False)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class QuietReporter:
+    def start(self, **_: Any) -> None: pass
+    def step(self) -> None: pass
+    def epoch(self, record: dict[str, Any]) -> None: pass
+    def note(self, message: str) -> None: pass
+    def stop(self) -> None: pass
+
+
+def _set(overrides: dict[str, Any], section: str, key: str, value: Any) -> None:
+    if value is not None:
+        overrides.setdefault(section, {})[key] = value
+
+
+def _hidden(text: str) -> list[int]:
+    from elbokit.errors import ElbokitError
+
+    try:
+        sizes = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ElbokitError(f"--hidden must be comma-separated layer sizes such as 400,400, got '{text}'.") from None
+    return sizes
+
+
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file; options given here override it."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as TOML and exit."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from checkpoints/last."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset: gaussian, mixture (default), digits, a plugin's, or a .npz/.npy/.csv file."),
+    data_seed: Optional[int] = typer.Option(None, "--data-seed", help="Seed of the data generator and the split [0]."),
+    n: Optional[int] = typer.Option(None, "--n", help="Rows to generate [10000]."),
+    data_dim: Optional[int] = typer.Option(None, "--data-dim", help="Data dimension of generated data [20]."),
+    data_latent_dim: Optional[int] = typer.Option(None, "--data-latent-dim", help="True latent dimension of generated data [--latent-dim]."),
+    noise_std: Optional[float] = typer.Option(None, "--noise-std", help="Observation noise std of generated data [0.5]."),
+    radius: Optional[float] = typer.Option(None, "--radius", help="Std of the positives' noise [0.1]."),
+    data_option: list[str] = typer.Option([], "--data-option", help="KEY=VALUE for a plugin dataset's loader (repeatable)."),
+    latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Latent dimension [5]."),
+    hidden: Optional[str] = typer.Option(None, "--hidden", help="Hidden layer sizes [400,400]."),
+    terms: Optional[str] = typer.Option(None, "--terms", help="Preset (classic, ed) or name[:weight] items, e.g. recon,kl:0.5 [classic]."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Per-term option TERM.KEY=VALUE, e.g. infonce.critic=cosine (repeatable)."),
+    prior: Optional[str] = typer.Option(None, "--prior", help="Prior: standard-normal (default), gmm, samples, or a plugin's."),
+    prior_samples: Optional[str] = typer.Option(None, "--prior-samples", help="A .npy/.npz of prior samples (n, latent_dim) for gmm/samples."),
+    prior_option: list[str] = typer.Option([], "--prior-option", help="Prior option KEY=VALUE, e.g. n_components=5 (repeatable)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed [0]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate [0.001]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Minibatch size [512]."),
+    max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Most epochs [300]."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Early-stopping patience in epochs [20]."),
+    select: Optional[str] = typer.Option(None, "--select", help="Validation metric: elbo (-ELBO, default) or loss (the objective's)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the gradient norm (0: off) [0]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or auto."),
+    evaluate: Optional[bool] = typer.Option(None, "--evaluate/--no-evaluate", help="Evaluate the best checkpoint on the test split at the end [on]."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory [runs/<date-time>]; must not exist yet."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log to RUN_DIR/tensorboard (needs tensorboard)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Train a VAE on an objective composed of terms, e.g. --terms recon,infonce,entropy,xent --prior gmm."""
+    from elbokit import config as config_mod
+    from elbokit.train import TrainingInterrupted
+    from elbokit.train import train as run_training
+
+    o: dict[str, Any] = {}
+    for key, value in (("dataset", data), ("seed", data_seed), ("n", n), ("data_dim", data_dim),
+                       ("latent_dim", data_latent_dim), ("noise_std", noise_std), ("radius", radius)):
+        _set(o, "data", key, value)
+    if data_option:
+        _set(o, "data", "options", dict(config_mod.parse_assignment(t, "--data-option") for t in data_option))
+    _set(o, "model", "latent_dim", latent_dim)
+    _set(o, "model", "hidden", _hidden(hidden) if hidden is not None else None)
+    _set(o, "objective", "terms", terms)
+    _set(o, "prior", "name", prior)
+    _set(o, "prior", "samples", prior_samples)
+    if prior_option:
+        _set(o, "prior", "options", dict(config_mod.parse_assignment(t, "--prior-option") for t in prior_option))
+    for key, value in (("seed", seed), ("lr", lr), ("batch_size", batch_size), ("max_epochs", max_epochs),
+                       ("patience", patience), ("select", select), ("grad_clip", grad_clip), ("device", device),
+                       ("evaluate", evaluate)):
+        _set(o, "train", key, value)
+    _set(o, "output", "out", out)
+    _set(o, "output", "tensorboard", tensorboard)
+    if option:
+        o["terms"] = config_mod.term_options(option)
+
+    if resume is not None:
+        from elbokit.errors import ElbokitError
+        from elbokit.train import resume_config
+
+        if config is not None:
+            raise ElbokitError("--config cannot be combined with --resume: a resumed run keeps its own config.toml.")
+        cfg = resume_config(resume, o)
+    else:
+        file_cfg = config_mod.load_toml(config) if config is not None else None
+        cfg = config_mod.resolve(file_cfg, o, source=str(config) if config else "the config file")
+    if print_config:
+        sys.stdout.write(config_mod.dumps(cfg))
+        return
+
+    reporter = QuietReporter() if quiet else RichReporter()
+    try:
+        summary = run_training(cfg, resume=resume, reporter=reporter)
+    except TrainingInterrupted as exc:
+        reporter.stop()
+        print(f"Interrupted: epochs 1-{exc.epoch} are saved in {exc.run_dir}; resume with: "
+              + RESUME_HINT.format(run_dir=exc.run_dir), file=sys.stderr)
+        raise typer.Exit(130) from None
+    except BaseException:
+        reporter.stop()
+        raise
+    if json_output:
+        print_json(summary)
+    elif not quiet:
+        metric = "val -ELBO" if summary["select_metric"] == "val_neg_elbo" else "val loss"
+        print(f"Done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.1f} s "
+              f"({summary['steps_per_second']} steps/s); best {metric} {summary['best_val']:.4f} at epoch "
+              f"{summary['best_epoch']} ({summary['space']} space). Run: {summary['run_dir']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="train")(handle_errors(train))
+
+
+__all__ = ["register", "train", "EXIT_BAD_INPUT"]

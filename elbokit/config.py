@@ -1,0 +1,372 @@
+"""The training configuration: a schema of sections and keys, loaded from TOML, overridden
+from the command line, validated in one place and written back as the run's `config.toml`.
+
+A config is a plain dict of sections (`data`, `model`, `prior`, `train`, `output`) plus the
+free-form `terms` table of per-term options (`[terms.infonce] critic = "cosine"`, and `weight`).
+`resolve(file_config, overrides)` returns the complete config with every default filled in;
+unknown sections or keys, wrong types and out-of-range values are one `ElbokitError` line
+naming the valid keys. TOML is parsed with `tomllib` (never evaluated).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ElbokitError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    check: Callable[[str, Any], Any]
+    help: str
+    flag: str | None = None  # the command-line option that sets it
+
+
+def _where(name: str, flag: str | None) -> str:
+    return f"{name} ({flag})" if flag else name
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value: Any) -> int:
+    if not (_num(value) and float(value) == int(value) and value > 0):
+        raise ElbokitError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def optional_positive_int(name: str, value: Any) -> int | None:
+    return None if value is None else positive_int(name, value)
+
+
+def non_negative_int(name: str, value: Any) -> int:
+    if not (_num(value) and float(value) == int(value) and value >= 0):
+        raise ElbokitError(f"{name} must be a non-negative integer, got {value!r}.")
+    return int(value)
+
+
+def any_int(name: str, value: Any) -> int:
+    if not (_num(value) and float(value) == int(value)):
+        raise ElbokitError(f"{name} must be an integer, got {value!r}.")
+    return int(value)
+
+
+def finite_float(name: str, value: Any) -> float:
+    if not (_num(value) and math.isfinite(value)):
+        raise ElbokitError(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def positive_float(name: str, value: Any) -> float:
+    if not (_num(value) and math.isfinite(value) and value > 0):
+        raise ElbokitError(f"{name} must be a positive number, got {value!r}.")
+    return float(value)
+
+
+def non_negative_float(name: str, value: Any) -> float:
+    if not (_num(value) and math.isfinite(value) and value >= 0):
+        raise ElbokitError(f"{name} must be a non-negative number, got {value!r}.")
+    return float(value)
+
+
+def optional_non_negative_float(name: str, value: Any) -> float | None:
+    return None if value is None else non_negative_float(name, value)
+
+
+def string(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ElbokitError(f"{name} must be a non-empty string, got {value!r}.")
+    return value.strip()
+
+
+def optional_string(name: str, value: Any) -> str | None:
+    return None if value in (None, "") else string(name, value)
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ElbokitError(f"{name} must be true or false, got {value!r}.")
+    return value
+
+
+def table(name: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ElbokitError(f"{name} must be a table of options, got {value!r}.")
+    for k, v in value.items():
+        if not isinstance(v, (str, int, float, bool)):
+            raise ElbokitError(f"{name}.{k} must be a string, number or boolean, got {v!r}.")
+    return dict(value)
+
+
+def one_of(*choices: str) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise ElbokitError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+        return value
+    return check
+
+
+def standardize_check(name: str, value: Any) -> bool | str:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ElbokitError(f"{name} must be true, false or \"auto\", got {value!r}.")
+
+
+def split_check(name: str, value: Any) -> list[float]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_num(v) and v >= 0 for v in value)
+            or value[0] <= 0 or value[1] <= 0 or abs(sum(value) - 1.0) > 1e-6):
+        raise ElbokitError(f"{name} must be three fractions [train, val, test] summing to 1 with train and val > 0, got {value!r}.")
+    return [float(v) for v in value]
+
+
+def hidden_check(name: str, value: Any) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ElbokitError(f"{name} must be a non-empty list of layer sizes such as [400, 400], got {value!r}.")
+    return [positive_int(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+
+def device_check(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", value):
+        raise ElbokitError(f"{name} must be cpu, cuda, cuda:N or auto, got {value!r}.")
+    return value
+
+
+# The defaults of the paper's setup (DESIGN.md section 6), except the epoch budget: the paper
+# trains up to 1000 epochs; the default here keeps the README's command near two minutes on
+# two CPU cores (see docs/training.md for the measurement), and --max-epochs 1000 restores it.
+SCHEMA: dict[str, dict[str, Key]] = {
+    "data": {
+        "dataset": Key("mixture", string, "a registered dataset (gaussian, mixture, digits, ...) or a path to .npz/.npy/.csv", "--data"),
+        "seed": Key(0, any_int, "seed of the data generator and of the train/val/test split (kept apart from train.seed so every training seed sees the same data)", "--data-seed"),
+        "n": Key(None, optional_positive_int, "rows to generate (generated datasets; default 10000)", "--n"),
+        "data_dim": Key(None, optional_positive_int, "data dimension D (generated datasets; default 20)", "--data-dim"),
+        "latent_dim": Key(None, optional_positive_int, "true latent dimension of a generated dataset (default: model.latent_dim)", "--data-latent-dim"),
+        "noise_std": Key(None, optional_non_negative_float, "observation noise std of a generated dataset (default 0.5)", "--noise-std"),
+        "radius": Key(None, optional_non_negative_float, "std of the positives' noise, x+ = x + N(0, radius^2) (default 0.1)", "--radius"),
+        "options": Key({}, table, "other keyword options for a plugin dataset's loader", "--data-option"),
+        "split": Key([0.8, 0.1, 0.1], split_check, "train/val/test fractions", None),
+        "standardize": Key("auto", standardize_check, "standardise features on the training split (auto: yes unless the likelihood is bernoulli)", None),
+    },
+    "model": {
+        "latent_dim": Key(5, positive_int, "latent dimension L", "--latent-dim"),
+        "hidden": Key([400, 400], hidden_check, "hidden layer sizes of the encoder (the decoder mirrors them)", "--hidden"),
+    },
+    "prior": {
+        "name": Key("standard-normal", string, "a registered prior (standard-normal, gmm, samples, ...)", "--prior"),
+        "samples": Key(None, optional_string, "a .npy/.npz file of prior samples (n, latent_dim) for priors fitted to samples", "--prior-samples"),
+        "n_samples": Key(10000, positive_int, "how many latents to draw from a generated dataset's own latent distribution for such priors", None),
+        "options": Key({}, table, "keyword options of the prior, e.g. n_components = 3", "--prior-option"),
+    },
+    "objective": {
+        "terms": Key("classic", string, "a preset (classic, ed) or name[:weight] items, e.g. recon,kl:0.5", "--terms"),
+    },
+    "train": {
+        "seed": Key(0, any_int, "seed of the model's initialisation, the data order and the sampling", "--seed"),
+        "lr": Key(1e-3, positive_float, "Adam learning rate", "--lr"),
+        "batch_size": Key(512, positive_int, "minibatch size", "--batch-size"),
+        "max_epochs": Key(300, positive_int, "the most epochs to train", "--max-epochs"),
+        "patience": Key(20, positive_int, "stop after this many epochs without a better validation metric", "--patience"),
+        "select": Key("elbo", one_of("elbo", "loss"), "validation metric for early stopping and the best checkpoint: elbo (-ELBO, the same for every objective) or loss (the objective's own)", "--select"),
+        "grad_clip": Key(0.0, non_negative_float, "clip the gradient norm to this value (0: no clipping)", "--grad-clip"),
+        "device": Key("cpu", device_check, "cpu, cuda, cuda:N or auto", "--device"),
+        "val_seed": Key(1234, any_int, "seed of the Monte-Carlo draws of the validation metric, so it is deterministic", None),
+        "evaluate": Key(True, boolean, "evaluate the best checkpoint on the test split at the end (when elbokit.evaluate is installed)", "--evaluate/--no-evaluate"),
+    },
+    "output": {
+        "out": Key(None, optional_string, "run directory (default runs/<date-time>)", "--out"),
+        "tensorboard": Key(False, boolean, "also write TensorBoard event files to RUN_DIR/tensorboard", "--tensorboard"),
+    },
+}
+FREE_SECTIONS = ("terms",)  # [terms.<name>] tables: per-term options, checked by build_objective
+
+
+def defaults() -> dict[str, Any]:
+    cfg = {section: {k: copy.deepcopy(key.default) for k, key in keys.items()} for section, keys in SCHEMA.items()}
+    cfg["terms"] = {}
+    return cfg
+
+
+def valid_keys_text(section: str) -> str:
+    return ", ".join(SCHEMA[section])
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a missing, unreadable or malformed file is one line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ElbokitError(f"Config file not found: {path}.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ElbokitError(f"Cannot read config file {path}: {exc}.") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ElbokitError(f"Config file {path} is not valid TOML: {exc}.") from None
+
+
+def merge(base: dict[str, Any], update: dict[str, Any], source: str = "the config") -> dict[str, Any]:
+    """Overlay `update` (a partial config) on `base`, refusing unknown sections and keys."""
+    out = copy.deepcopy(base)
+    if not isinstance(update, dict):
+        raise ElbokitError(f"{source} must be a table of sections.")
+    for section, values in update.items():
+        if section in FREE_SECTIONS:
+            if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+                raise ElbokitError(f"[terms] in {source} must hold one table per term, e.g. [terms.infonce] critic = \"cosine\".")
+            for term, opts in values.items():
+                out["terms"].setdefault(term, {}).update(table(f"terms.{term}", opts))
+            continue
+        if section not in SCHEMA:
+            raise ElbokitError(f"Unknown config section [{section}] in {source}; valid sections: {', '.join([*SCHEMA, *FREE_SECTIONS])}.")
+        if not isinstance(values, dict):
+            raise ElbokitError(f"[{section}] in {source} must be a table, got {values!r}.")
+        for key, value in values.items():
+            if key not in SCHEMA[section]:
+                raise ElbokitError(f"Unknown config key '{section}.{key}' in {source}; valid keys in [{section}]: {valid_keys_text(section)}.")
+            if key == "options" and isinstance(value, dict) and isinstance(out[section].get(key), dict):
+                out[section][key] = {**out[section][key], **value}
+            else:
+                out[section][key] = value
+    return out
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check every key's type and range (one line naming the key and its option)."""
+    out = copy.deepcopy(cfg)
+    for section, keys in SCHEMA.items():
+        for key, spec in keys.items():
+            out[section][key] = spec.check(_where(f"{section}.{key}", spec.flag), out[section].get(key, spec.default))
+    from .objective import parse_terms
+
+    parse_terms(out["objective"]["terms"])  # syntax only; names are checked when the objective is built
+    return out
+
+
+def resolve(file_config: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+            source: str = "the config file") -> dict[str, Any]:
+    """defaults <- file config <- command-line overrides (a partial config), then validated,
+    with the derived defaults filled in so that the saved config says everything."""
+    cfg = merge(defaults(), file_config or {}, source)
+    cfg = merge(cfg, overrides or {}, "the command line")
+    cfg = validate(cfg)
+    _fill_dataset_defaults(cfg)
+    if cfg["data"]["standardize"] == "auto":
+        cfg["data"]["standardize"] = str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli"
+    return cfg
+
+
+DATASET_KEYS = ("n", "data_dim", "latent_dim", "noise_std", "radius")
+
+
+def _fill_dataset_defaults(cfg: dict[str, Any]) -> None:
+    """For a registered dataset, write the loader's own defaults for the unset generator keys
+    it takes (a generated dataset's true latent dimension defaults to the model's), so that
+    the saved config regenerates exactly this data even if a default changes later."""
+    import inspect
+
+    from .plugins import get_registry
+
+    registry = get_registry()
+    name = cfg["data"]["dataset"]
+    if name not in registry.datasets:
+        return
+    params = inspect.signature(registry.dataset(name).loader).parameters
+    for key in DATASET_KEYS:
+        if cfg["data"][key] is None and key in params:
+            default = params[key].default
+            if key == "latent_dim":
+                default = cfg["model"]["latent_dim"]
+            if default is not inspect.Parameter.empty and isinstance(default, (int, float)):
+                cfg["data"][key] = default
+
+
+def dataset_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The loader options of `[data]`: the generator keys that are set, then `data.options`."""
+    opts = {k: cfg["data"][k] for k in DATASET_KEYS if cfg["data"][k] is not None}
+    opts.update(cfg["data"]["options"])
+    return opts
+
+
+def parse_assignment(text: str, what: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is read as a TOML value (numbers, true,
+    false, "strings"), and a bare word is a string: `critic=cosine`, `temperature=0.1`."""
+    if "=" not in text:
+        raise ElbokitError(f"{what} must look like key=value, got '{text}'.")
+    key, _, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not key:
+        raise ElbokitError(f"{what} must look like key=value, got '{text}'.")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if isinstance(value, (dict, list)) or raw == "":
+        raise ElbokitError(f"{what} '{text}': the value must be a number, true/false or a word.")
+    return key, value
+
+
+def term_options(assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """`["infonce.critic=cosine", "kl.estimator=mc"]` -> {"infonce": {"critic": "cosine"}, ...}."""
+    out: dict[str, dict[str, Any]] = {}
+    for text in assignments:
+        key, value = parse_assignment(text, "--option")
+        term, dot, opt = key.partition(".")
+        if not dot or not term or not opt:
+            raise ElbokitError(f"--option must look like term.option=value (e.g. infonce.critic=cosine), got '{text}'.")
+        out.setdefault(term, {})[opt] = value
+    return out
+
+
+# -- writing TOML (tomllib only reads) ------------------------------------------------------
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def dumps(cfg: dict[str, Any], comments: bool = True) -> str:
+    """The config as TOML, with each key's help as a comment; unset (None) keys are
+    written commented out, since TOML has no null."""
+    lines: list[str] = ["# elbokit training config (resolved: every key, with its default when not given)"]
+    for section, keys in SCHEMA.items():
+        lines += ["", f"[{section}]"]
+        for key, spec in keys.items():
+            value = cfg[section].get(key)
+            if comments:
+                lines.append(f"# {spec.help}" + (f" [{spec.flag}]" if spec.flag else ""))
+            lines.append(f"# {key} =  (unset)" if value is None else f"{key} = {_toml_value(value)}")
+    for term, opts in cfg.get("terms", {}).items():
+        lines += ["", f"[terms.{_toml_key(term)}]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in opts.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,569 @@
+"""The training loop, usable from Python:
+
+    from elbokit import config, train
+    cfg = config.resolve(overrides={"objective": {"terms": "ed"}, "prior": {"name": "gmm"},
+                                     "output": {"out": "runs/ed-gmm"}})
+    summary = train.train(cfg)             # or train.train(resume="runs/ed-gmm")
+
+Everything that can be wrong with the input (data, sizes, prior samples, term/prior
+compatibility, output directory) is checked by `prepare` BEFORE the run directory is created,
+so a bad command leaves nothing behind. The whole standardised training split lives on the
+device as one tensor and minibatches are drawn with a permutation (no DataLoader); term values
+are accumulated as tensors and read once per epoch, so the loop never waits on `.item()`.
+
+Determinism: the model is initialised from `train.seed`; the data order comes from its own
+`torch.Generator`; the validation metric is computed under `torch.random.fork_rng` with the
+fixed `train.val_seed`, so validating never moves the training random stream. A checkpoint
+holds every random state, so `resume` continues the exact same stream.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from . import config as config_mod
+from . import run as run_mod
+from .errors import ElbokitError
+
+# Keys that may change when a run is resumed (they do not change what was already computed).
+RESUMABLE_OVERRIDES = {
+    "train": {"max_epochs", "patience", "lr", "grad_clip", "device", "evaluate"},
+    "output": {"tensorboard"},
+}
+
+
+class TrainingDiverged(ElbokitError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: the last complete epoch is saved in checkpoints/last."""
+
+    def __init__(self, run_dir: Path, epoch: int):
+        super().__init__(f"Interrupted after epoch {epoch}.")
+        self.run_dir, self.epoch = run_dir, epoch
+
+
+class Reporter(Protocol):
+    """What the loop tells its caller (the CLI draws a rich progress bar from it)."""
+
+    def start(self, *, run_dir: Path, first_epoch: int, max_epochs: int, steps_per_epoch: int) -> None: ...
+    def step(self) -> None: ...
+    def epoch(self, record: dict[str, Any]) -> None: ...
+    def note(self, message: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class SilentReporter:
+    def start(self, **_: Any) -> None: pass
+    def step(self) -> None: pass
+    def epoch(self, record: dict[str, Any]) -> None: pass
+    def note(self, message: str) -> None: pass
+    def stop(self) -> None: pass
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and checked, before anything is written."""
+
+    config: dict[str, Any]
+    run_dir: Path
+    device: torch.device
+    dataset: Any
+    indices: dict[str, np.ndarray]
+    standardizer: Any
+    splits: dict[str, Any]
+    model: Any
+    prior: Any
+    objective: Any
+    likelihood: Any
+    registry: Any
+    needs_positives: bool
+    resume_from: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# -- preparing ---------------------------------------------------------------------------
+def default_run_dir(cfg: dict[str, Any], root: str | Path = "runs") -> Path:
+    """runs/<YYYYmmdd-HHMMSS> (with -2, -3, ... if taken): never an existing directory."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / stamp
+    candidate, i = base, 1
+    while candidate.exists():
+        i += 1
+        candidate = base.with_name(f"{stamp}-{i}")
+    return candidate
+
+
+def check_new_run_dir(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ElbokitError(f"The run directory {path} already exists; choose another --out, or continue it with --resume {path}.")
+    parent = path.parent if not path.exists() else path
+    while not parent.exists():
+        parent = parent.parent
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise ElbokitError(f"Cannot create the run directory {path}: {parent} is not writable.")
+
+
+def load_prior_samples(path: str | Path, latent_dim: int) -> np.ndarray:
+    """Prior samples from .npy (an (n, L) array) or .npz (key `z`, `samples`, or its only array)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ElbokitError(f"Prior samples file not found: {path}.")
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                keys = archive.files
+                key = next((k for k in ("z", "samples") if k in keys), keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise ElbokitError(f"{path} holds {', '.join(keys) or 'no arrays'}; name the prior samples 'z' or 'samples'.")
+                arr = archive[key]
+        elif path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            raise ElbokitError(f"Prior samples must be a .npy or .npz file, got {path}.")
+    except ElbokitError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise ElbokitError(f"Cannot read prior samples from {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
+    if arr.dtype.kind not in "biuf" or arr.ndim != 2 or arr.shape[0] == 0:
+        raise ElbokitError(f"The prior samples in {path} must be a non-empty numeric (n, {latent_dim}) array, got shape {arr.shape}.")
+    if arr.shape[1] != latent_dim:
+        raise ElbokitError(f"The prior samples in {path} have dimension {arr.shape[1]} but the latent dimension is {latent_dim} (--latent-dim).")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise ElbokitError(f"The prior samples in {path} have NaN or Inf in row {int(np.argmax(bad))} (0-based).")
+    return arr.astype(np.float64)
+
+
+def prior_samples_for(cfg: dict[str, Any], dataset: Any, prior_name: str) -> np.ndarray:
+    latent_dim = cfg["model"]["latent_dim"]
+    if cfg["prior"]["samples"]:
+        return load_prior_samples(cfg["prior"]["samples"], latent_dim)
+    if dataset.sample_latents is not None:
+        z = np.asarray(dataset.sample_latents(cfg["prior"]["n_samples"]))
+        if z.shape[1] != latent_dim:
+            raise ElbokitError(
+                f"Prior '{prior_name}' is fitted to the generator's latents, which have dimension {z.shape[1]}, "
+                f"but the model's latent dimension is {latent_dim}; make them equal or give --prior-samples FILE.npy.")
+        return z
+    raise ElbokitError(
+        f"Prior '{prior_name}' is fitted to prior samples and dataset '{dataset.name}' has no generator to draw "
+        f"them from: give --prior-samples FILE.npy (an (n, {latent_dim}) array) or [prior] samples = \"FILE.npy\" in the config.")
+
+
+def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: Any = None) -> Setup:
+    """Load and check the data, prior, model and objective of `cfg` (resolved), or of the run
+    `resume`; raise ElbokitError on any problem. Writes nothing."""
+    from .data import Standardizer, load_dataset, make_split, split_indices
+    from .plugins import get_registry
+
+    registry = registry or get_registry()
+    resume_meta = None
+    if resume is not None:
+        run_dir = Path(resume)
+        last = run_mod.checkpoint_path(run_dir, "last")
+        if not last.is_file():
+            run_mod.read_config(run_dir)  # the clearer error first, when it is not a run at all
+            raise ElbokitError(f"{run_dir} has no checkpoint to resume from (checkpoints/last.safetensors is missing).")
+        _, resume_meta = run_mod.read_checkpoint(last)
+    else:
+        run_dir = Path(cfg["output"]["out"]) if cfg["output"]["out"] else default_run_dir(cfg)
+        check_new_run_dir(run_dir)
+    if cfg["output"]["tensorboard"]:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ElbokitError("--tensorboard needs the optional tensorboard package: pip install 'elbokit[tensorboard]' (or pip install tensorboard).")
+
+    device = run_mod.resolve_device(cfg["train"]["device"])
+    dcfg = cfg["data"]
+    dataset = load_dataset(dcfg["dataset"], config_mod.dataset_options(cfg), seed=dcfg["seed"], registry=registry)
+    if resume is not None:
+        arrays, info = run_mod.read_data_info(run_dir)
+        indices = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("indices.")}
+        standardizer = Standardizer(arrays["standardizer.mean"], arrays["standardizer.std"])
+        if len(dataset) != info["n"] or dataset.dim != info["dim"]:
+            raise ElbokitError(f"The data of {run_dir} now has shape ({len(dataset)}, {dataset.dim}), not ({info['n']}, {info['dim']}); it cannot be resumed.")
+    else:
+        indices = split_indices(len(dataset), dcfg["seed"], tuple(dcfg["split"]))
+        train_x = dataset.x[indices["train"]]
+        standardizer = Standardizer.fit(train_x) if dcfg["standardize"] else Standardizer.identity(dataset.dim)
+    splits = {name: make_split(name, dataset, idx, standardizer, device) for name, idx in indices.items() if len(idx)}
+
+    # The model is initialised first from the training seed, so the prior and terms
+    # (which may draw random numbers too) never change it.
+    seed_everything(cfg["train"]["seed"])
+    model = run_mod.build_model(cfg, dataset.dim)
+    prior_name = cfg["prior"]["name"]
+    if resume_meta is not None:
+        prior_cls = registry.prior(resume_meta["prior"]["name"])
+        prior = prior_cls(**resume_meta["prior"]["spec"])
+    else:
+        from . import make_prior
+
+        prior_cls = registry.prior(prior_name)
+        options = dict(cfg["prior"]["options"])
+        if getattr(prior_cls, "needs_samples", False):
+            options["samples"] = prior_samples_for(cfg, dataset, prior_name)
+        elif cfg["prior"]["samples"]:
+            raise ElbokitError(f"Prior '{prior_name}' is not fitted to samples; drop --prior-samples or use gmm or samples.")
+        prior = make_prior(prior_name, dim=cfg["model"]["latent_dim"], registry=registry, **options)
+    prior.attach(model)  # before the optimiser and before any checkpoint state
+    has_positives = splits["train"].x_pos is not None
+    objective = run_mod.build_objective_for(cfg, prior, dataset.dim, len(indices["train"]), has_positives, registry)
+    model.to(device)
+    objective.to(device)
+    setup = Setup(config=cfg, run_dir=run_dir, device=device, dataset=dataset, indices=indices,
+                  standardizer=standardizer, splits=splits, model=model, prior=prior, objective=objective,
+                  likelihood=run_mod.reconstruction_likelihood(objective), registry=registry,
+                  needs_positives="positives" in objective.needs() and has_positives,
+                  resume_from=run_mod.checkpoint_path(run_dir, "last") if resume is not None else None)
+    if cfg["train"]["select"] == "elbo" and not prior.has_log_prob:
+        setup.notes.append(f"Prior '{prior.name}' has no log_prob, so the validation -ELBO cannot be computed; "
+                           "early stopping and the best checkpoint use the objective's own validation loss.")
+    return setup
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+# -- validation --------------------------------------------------------------------------
+def kl_to_prior(batch: Any, prior: Any, prior_dist: Any) -> torch.Tensor:
+    """KL(q(z|x) || p(z)) per example: closed form where torch registers the pair, else the
+    one-sample Monte-Carlo estimate log q(z|x) - log p(z) at the batch's z."""
+    from torch.distributions import kl as tkl
+
+    # _dispatch_kl returns NotImplemented (it does not raise) for an unregistered pair.
+    if prior_dist is not None and tkl._dispatch_kl(type(batch.posterior), type(prior_dist)) is not NotImplemented:
+        return tkl.kl_divergence(batch.posterior, prior_dist)
+    return batch.posterior.log_prob(batch.z) - prior.log_prob(batch.z)
+
+
+@torch.no_grad()
+def validation_metrics(setup: Setup, split: Any, seed: int) -> dict[str, float]:
+    """The selection metrics on a split, deterministic (fixed seed, forked RNG):
+    `neg_elbo` = recon + KL (KL by the 'auto' estimator: analytic where registered, else one
+    Monte-Carlo sample), in nats per example in the standardised space (None for a prior
+    without log_prob), with `recon` and `kl`; and `loss`, the objective's own loss."""
+    model, objective = setup.model, setup.objective
+    was_training = model.training
+    model.eval()
+    objective.eval()
+    n = split.x.shape[0]
+    batch_size = setup.config["train"]["batch_size"]
+    # Near-equal chunks (never a 1-row remainder, which batch estimators cannot handle).
+    chunks = torch.arange(n, device=split.x.device).tensor_split(max(1, math.ceil(n / batch_size)))
+    prior_dist = setup.prior.distribution() if setup.prior.has_log_prob else None
+    has_log_prob = setup.prior.has_log_prob
+    devices = [split.x.device] if split.x.device.type == "cuda" else []
+    sums = {"recon": 0.0, "kl": 0.0, "loss": 0.0}
+    totals = {k: split.x.new_zeros(()) for k in sums}
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for idx in chunks:
+            x = split.x[idx]
+            x_pos = split.x_pos[idx] if setup.needs_positives else None
+            batch = model(x, x_pos, dataset_size=setup.objective.dataset_size)
+            totals["recon"] += (-setup.likelihood.log_prob(x, batch.x_recon)).sum()
+            if has_log_prob:
+                totals["kl"] += kl_to_prior(batch, setup.prior, prior_dist).sum()
+            totals["loss"] += objective(batch).loss * len(idx)
+    sums = {k: float(v) / n for k, v in totals.items()}
+    model.train(was_training)
+    objective.train(was_training)
+    out: dict[str, Any] = {"recon": sums["recon"], "loss": sums["loss"]}
+    if has_log_prob:
+        out["kl"] = sums["kl"]
+        out["neg_elbo"] = sums["recon"] + sums["kl"]
+    else:
+        out["neg_elbo"] = None
+    return out
+
+
+# -- the loop ----------------------------------------------------------------------------
+def _parameters(model: Any, objective: Any) -> list[torch.nn.Parameter]:
+    # A prior attached to the model may hold the model's parameters too: count each once.
+    seen: set[int] = set()
+    params = []
+    for p in [*model.parameters(), *objective.parameters()]:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
+
+
+def _select_metric(setup: Setup) -> str:
+    return "neg_elbo" if setup.config["train"]["select"] == "elbo" and setup.prior.has_log_prob else "loss"
+
+
+def _truncate_metrics(path: Path, upto_epoch: int) -> None:
+    """Keep the records of epochs <= upto_epoch (a run killed between writing an epoch's
+    metrics and its checkpoint re-runs that epoch, and must not list it twice)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= upto_epoch]
+    from .io import write_text
+
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    import os
+
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def train(config: dict[str, Any] | None = None, *, resume: str | Path | None = None,
+          reporter: Reporter | None = None, registry: Any = None) -> dict[str, Any]:
+    """Train a model and return the summary (also written to RUN_DIR/summary.json).
+
+    config: a resolved config (`elbokit.config.resolve(...)`); with `resume`, the run's own
+    config.toml is used and `config` may only change the keys in RESUMABLE_OVERRIDES.
+    The summary has at least run_dir, epochs, steps, best_val, best_epoch, select_metric,
+    train_seconds and steps_per_second; and `test` when `elbokit.evaluate.evaluate_run` exists.
+    """
+    reporter = reporter or SilentReporter()
+    if resume is not None:
+        cfg = resume_config(resume, config)
+    else:
+        cfg = config if config is not None else config_mod.resolve()
+    setup = prepare(cfg, resume=resume, registry=registry)
+    for note in setup.notes:
+        reporter.note(note)
+    return Trainer(setup, reporter).fit()
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's config with the allowed changes from `overrides` (a partial config)."""
+    cfg = run_mod.read_config(run_dir)
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            if key in RESUMABLE_OVERRIDES.get(section, set()):
+                cfg[section][key] = value
+            elif section == "output" and key == "out":
+                continue
+            else:
+                raise ElbokitError(f"{section}.{key} cannot change when resuming (only "
+                                   f"{', '.join(sorted(k for s in RESUMABLE_OVERRIDES.values() for k in s))} can).")
+    return config_mod.validate(cfg)
+
+
+class Trainer:
+    """Runs the epochs of a prepared `Setup`, writing the run directory as it goes."""
+
+    def __init__(self, setup: Setup, reporter: Reporter | None = None):
+        self.setup = setup
+        self.reporter = reporter or SilentReporter()
+        cfg = setup.config["train"]
+        self.model, self.objective = setup.model, setup.objective
+        self.optimizer = torch.optim.Adam(_parameters(self.model, self.objective), lr=cfg["lr"])
+        self.data_order = torch.Generator().manual_seed(cfg["seed"])
+        self.select_metric = _select_metric(setup)
+        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": 0,
+                                      "bad_epochs": 0, "train_seconds": 0.0}
+        self.tb = None
+
+    # -- run directory ----------------------------------------------------------------
+    def _create_run_dir(self) -> None:
+        s = self.setup
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        (s.run_dir / "checkpoints").mkdir(exist_ok=True)
+        run_mod.write_config(s.run_dir, s.config)
+        run_mod.save_data_info(s.run_dir, s.dataset, s.indices, s.standardizer)
+        (s.run_dir / "metrics.jsonl").write_text("")
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        s = self.setup
+        return {**self.state, "select_metric": self.select_metric,
+                "prior": {"name": s.prior.name, "spec": s.prior.spec()},
+                "model": {"data_dim": s.dataset.dim, "latent_dim": s.config["model"]["latent_dim"],
+                          "hidden": s.config["model"]["hidden"]},
+                "dataset_size": len(s.indices["train"]), "has_positives": s.splits["train"].x_pos is not None,
+                "terms": s.objective.term_names}
+
+    def save(self, which: str) -> None:
+        run_mod.save_checkpoint(run_mod.checkpoint_path(self.setup.run_dir, which), model=self.model,
+                                objective=self.objective, optimizer=self.optimizer,
+                                data_generator=self.data_order, state=self._checkpoint_state())
+
+    def _restore(self, path: Path) -> None:
+        tensors, meta = run_mod.read_checkpoint(path)
+        run_mod.load_module_state(self.model, run_mod._sub(tensors, "model."), "model", path)
+        run_mod.load_module_state(self.objective, run_mod._sub(tensors, "objective."), "objective", path)
+        run_mod.load_optimizer_state(self.optimizer, tensors, meta)
+        for group in self.optimizer.param_groups:  # --lr may change on resume
+            group["lr"] = self.setup.config["train"]["lr"]
+        run_mod.set_rng_state(tensors, meta["rng"], self.data_order)
+        for key in self.state:
+            self.state[key] = meta[key]
+
+    # -- the loop ---------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        s, cfg = self.setup, self.setup.config["train"]
+        if s.resume_from is not None:
+            self._restore(s.resume_from)
+            _truncate_metrics(s.run_dir / "metrics.jsonl", self.state["epoch"])
+            run_mod.write_config(s.run_dir, s.config)  # records a changed max_epochs / patience
+        else:
+            self._create_run_dir()
+        if s.config["output"]["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(s.run_dir / "tensorboard"))
+        x, x_pos = s.splits["train"].x, s.splits["train"].x_pos if s.needs_positives else None
+        n, batch_size = x.shape[0], min(cfg["batch_size"], x.shape[0])
+        steps_per_epoch = n // batch_size  # the incomplete last batch is dropped, as DataLoader(drop_last=True)
+        self.reporter.start(run_dir=s.run_dir, first_epoch=self.state["epoch"], max_epochs=cfg["max_epochs"],
+                            steps_per_epoch=steps_per_epoch)
+        session_steps, session_start = 0, time.perf_counter()
+        try:
+            while self.state["epoch"] < cfg["max_epochs"] and self.state["bad_epochs"] < cfg["patience"]:
+                t0 = time.perf_counter()
+                record = self._epoch(x, x_pos, batch_size, steps_per_epoch)
+                session_steps += steps_per_epoch
+                self.state["train_seconds"] += time.perf_counter() - t0
+                record["seconds"] = round(self.state["train_seconds"], 3)
+                _append_line(s.run_dir / "metrics.jsonl", record)
+                # best before last: a kill between the two re-runs this epoch from the older
+                # last checkpoint and rewrites the same best.
+                if record["improved"]:
+                    self.save("best")
+                self.save("last")
+                if self.tb is not None:
+                    self._tensorboard(record)
+                self.reporter.epoch(record)
+        except KeyboardInterrupt:
+            self.reporter.stop()
+            raise TrainingInterrupted(s.run_dir, self.state["epoch"]) from None
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+        self.reporter.stop()
+        session_seconds = time.perf_counter() - session_start
+        return self._finish(session_steps, session_seconds)
+
+    def _epoch(self, x: torch.Tensor, x_pos: torch.Tensor | None, batch_size: int, steps: int) -> dict[str, Any]:
+        s, cfg = self.setup, self.setup.config["train"]
+        self.model.train()
+        self.objective.train()
+        dev = x.device
+        perm = torch.randperm(x.shape[0], generator=self.data_order).to(dev)
+        term_sums = {name: torch.zeros((), device=dev) for name in self.objective.term_names}
+        loss_sum = torch.zeros((), device=dev)
+        first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+        dataset_size = self.objective.dataset_size
+        params = self.optimizer.param_groups[0]["params"]
+        for i in range(steps):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            batch = self.model(x[idx], None if x_pos is None else x_pos[idx], dataset_size=dataset_size)
+            out = self.objective(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if cfg["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            self.optimizer.step()
+            # Accumulated on the device; read once per epoch (no per-step synchronisation).
+            loss_sum += out.loss.detach()
+            for name, value in out.terms.items():
+                term_sums[name] += value
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out.loss.detach()),
+                                    torch.full_like(first_bad, i), first_bad)
+            self.reporter.step()
+        epoch = self.state["epoch"] + 1
+        bad_step = int(first_bad)
+        if bad_step >= 0:
+            self._diverged(epoch, bad_step, {k: float(v) for k, v in term_sums.items()})
+        self.state["epoch"] = epoch
+        self.state["step"] += steps
+        val = validation_metrics(s, s.splits["val"], cfg["val_seed"])
+        value = val[self.select_metric]
+        best = self.state["best_value"]
+        improved = best is None or value < best
+        if improved:
+            self.state.update(best_value=value, best_epoch=epoch, bad_epochs=0)
+        else:
+            self.state["bad_epochs"] += 1
+        return {"epoch": epoch, "step": self.state["step"],
+                "train": {"loss": float(loss_sum) / steps,
+                          "terms": {k: float(v) / steps for k, v in term_sums.items()}},
+                "val": val, "select_metric": self.select_metric, "improved": improved,
+                "best_value": self.state["best_value"], "best_epoch": self.state["best_epoch"]}
+
+    def _diverged(self, epoch: int, bad_step: int, term_sums: dict[str, float]) -> None:
+        bad_terms = [k for k, v in term_sums.items() if not math.isfinite(v)]
+        which = f"term '{bad_terms[0]}'" if bad_terms else "the loss"
+        step = self.state["step"] + bad_step + 1
+        raise TrainingDiverged(
+            f"Training diverged: {which} became NaN or Inf at step {step} (epoch {epoch}); the last good "
+            f"checkpoint (epoch {self.state['epoch']}) is kept. Resume with a lower learning rate or gradient "
+            f"clipping: elbokit train --resume {self.setup.run_dir} --lr {self.setup.config['train']['lr'] / 10:g} --grad-clip 1.0")
+
+    def _tensorboard(self, record: dict[str, Any]) -> None:
+        step = record["epoch"]
+        self.tb.add_scalar("train/loss", record["train"]["loss"], step)
+        for k, v in record["train"]["terms"].items():
+            self.tb.add_scalar(f"train/{k}", v, step)
+        for k, v in record["val"].items():
+            if v is not None:
+                self.tb.add_scalar(f"val/{k}", v, step)
+        self.tb.flush()
+
+    def _finish(self, session_steps: int, session_seconds: float) -> dict[str, Any]:
+        s, cfg = self.setup, self.setup.config["train"]
+        st = self.state
+        stopped = "patience" if st["bad_epochs"] >= cfg["patience"] else "max_epochs"
+        summary: dict[str, Any] = {
+            "run_dir": str(s.run_dir), "dataset": s.dataset.name, "terms": s.config["objective"]["terms"],
+            "prior": s.prior.name, "device": str(s.device),
+            "epochs": st["epoch"], "steps": st["step"], "best_epoch": st["best_epoch"],
+            "best_val": st["best_value"], "select_metric": "val_" + self.select_metric,
+            "space": "standardised" if s.config["data"]["standardize"] else "original",
+            "stopped_by": stopped, "train_seconds": round(st["train_seconds"], 3),
+            "steps_per_second": round(session_steps / session_seconds, 2) if session_steps and session_seconds > 0 else None,
+            "n_train": len(s.indices["train"]), "n_val": len(s.indices["val"]), "n_test": len(s.indices["test"]),
+        }
+        if s.notes:
+            summary["notes"] = list(s.notes)
+        test = self._evaluate_test()
+        if test is not None:
+            summary["test"] = test
+        from .io import write_json
+
+        write_json(s.run_dir / "summary.json", summary)
+        return summary
+
+    def _evaluate_test(self) -> dict[str, Any] | None:
+        """The best checkpoint on the test split, through `elbokit.evaluate.evaluate_run`
+        when that module exists (it is optional here; nothing else couples the two)."""
+        if not self.setup.config["train"]["evaluate"] or not len(self.setup.indices["test"]):
+            return None
+        try:
+            from .evaluate import evaluate_run
+        except ImportError as exc:
+            if getattr(exc, "name", None) in ("elbokit.evaluate", None) or "evaluate_run" in str(exc):
+                return None
+            raise
+        import inspect
+
+        run = run_mod.load_run(self.setup.run_dir, "best", device=str(self.setup.device), registry=self.setup.registry)
+        kwargs = {"split": "test"} if "split" in inspect.signature(evaluate_run).parameters else {}
+        return evaluate_run(run, **kwargs)
