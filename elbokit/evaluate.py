@@ -1,0 +1,441 @@
+"""Honest held-out evaluation of a trained VAE, whatever objective trained it (DESIGN.md section 5).
+
+The training loss is never the metric: a model is scored against its own prior with
+
+- `elbo`: E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z)), a lower bound on log p(x);
+- `iwae`: log (1/K) sum_k p(x, z_k) / q(z_k|x) with K importance samples (Burda et al. 2016),
+  a tighter lower bound: E[elbo] <= E[iwae_K] <= E[iwae_{K+1}] <= log p(x);
+- the ELBO-surgery terms (Hoffman & Johnson 2016) of the exact aggregate posterior of the
+  evaluated set, q(z) = (1/N) sum_n q(z|x_n): KL_x = I_q(x;z) + KL(q(z) || p(z)), and
+  KL(q(z) || p(z)) = -H[q(z)] + H[q(z), p(z)];
+- `exact_loglik` when the data came from the `gaussian` generator (x ~ N(0, W^T W + s^2 I));
+- the paper's Table II metrics, which are not a bound (DESIGN.md section 6).
+
+Everything is in nats per example (sums over data and latent dimensions, means over
+examples). Log-likelihoods are reported in the original data units: a model trained on
+standardised features gives log-densities of standardised x, and log p(x) = log p(x_std) +
+log|d x_std / d x| = log p(x_std) - sum_d log std_d (`Standardizer.log_abs_det_jacobian`).
+
+`evaluate_model` needs only a model with `encode(x) -> q(z|x)` (a torch Distribution with
+event shape (L,)) and `decode(z)` (or a `decoder` module), a prior and a likelihood; it
+returns a JSON-able dict. `evaluate_run` does the same for a run directory loaded by
+`elbokit.run.load_run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import distributions as D
+
+from .errors import ElbokitError
+from .ops import log_unit_ball_volume, logsumexp_gaussian_mixture
+
+DEFAULT_IW_SAMPLES = 1000
+"""K for `elbokit evaluate` and for the end-of-training call (about 3 s for 1000 points with
+the paper's 2 x 400 MLP on 2 CPU cores; docs/evaluation.md has the measurements)."""
+
+DEFAULT_ROWS = 16384
+"""(example, sample) pairs decoded at once: bounds the memory of the importance-sampling pass
+(activations are rows x widest layer) independently of N and K."""
+
+SURGERY_SAMPLES = 10
+"""Samples z ~ q(z|x_n) per example for the aggregate-posterior (surgery) terms."""
+
+ACTIVE_UNIT_THRESHOLD = 0.01
+"""Burda et al. (2016): a latent dimension is active if Cov_x(E[z|x]) > 0.01."""
+
+KNN_K = 3
+KNN_PRIOR_SAMPLES = 10000
+
+BOUNDS = {
+    "elbo": "lower bound on log p(x)",
+    "iwae": "lower bound on log p(x), at least the ELBO in expectation, tighter as K grows",
+    "exact_loglik": "exact log p(x) of the data-generating distribution",
+    "paper_elbo": "not a bound: -paper_mse - paper_kld, as the paper's Table II computes it",
+}
+
+UNITS = {
+    "elbo, iwae, recon, exact_loglik": "nats per example, original data units "
+                                       "(model-space log-densities + log_abs_det_jacobian)",
+    "kl, mi, marginal_kl, entropy, cross_entropy, identity_gap, paper_kld": "nats per example, latent space",
+    "mse": "squared error summed over data dimensions, mean over examples and z ~ q(z|x), original data units",
+    "paper_mse": "squared error summed over data dimensions, mean over examples and z ~ q(z|x), "
+                 "model (standardised) space, as the paper computes it",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch's CPU generator for the block and restore the caller's state afterwards, so
+    that evaluation is reproducible and does not perturb a training run's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: Any):
+    """model.eval() (no dropout, batch-norm statistics frozen) for the block, then restore."""
+    modes = [(m, m.training) for m in modules if isinstance(m, torch.nn.Module)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
+def _decoder(model: Any):
+    if hasattr(model, "decode"):
+        return model.decode
+    if hasattr(model, "decoder"):
+        return model.decoder
+    raise ElbokitError("The model needs a decode(z) method or a decoder module to be evaluated.")
+
+
+def _device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters() if isinstance(model, torch.nn.Module) else ():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _normal_parts(q: D.Distribution) -> tuple[torch.Tensor, torch.Tensor]:
+    base = q.base_dist if isinstance(q, D.Independent) else q
+    if not isinstance(base, D.Normal):
+        raise ElbokitError("Evaluating the aggregate posterior needs a diagonal Gaussian q(z|x) "
+                           "(torch.distributions.Independent(Normal(loc, scale), 1)).")
+    return base.loc, base.scale
+
+
+def analytic_kl(q: D.Distribution, prior: Any) -> torch.Tensor | None:
+    """KL(q(z|x) || p(z)) per example by torch's registry, or None where no pair is registered."""
+    dist = prior.distribution() if getattr(prior, "has_log_prob", True) else None
+    if dist is None:
+        return None
+    try:
+        return D.kl_divergence(q, dist)
+    except NotImplementedError:
+        return None
+
+
+def mean_and_se(values: torch.Tensor | np.ndarray) -> tuple[float, float]:
+    """Mean over examples and its standard error, std (ddof=1) / sqrt(N)."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() == 0:
+        return float("nan"), float("nan")
+    se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
+    return float(v.mean()), se
+
+
+# --------------------------------------------------------------- importance-sampling pass
+@torch.no_grad()
+def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.Tensor, *,
+                             iw_samples: int = DEFAULT_IW_SAMPLES, seed: int = 0,
+                             chunk: int = DEFAULT_ROWS, std: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+    """Per-example estimates (each (N,), model space) from K = `iw_samples` samples z_k ~ q(z|x):
+
+    - `iwae`: logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K (None without a
+      prior log_prob);
+    - `log_lik`: mean_k log p(x|z_k), so `-log_lik` is the reconstruction term;
+    - `kl`: analytic where torch registers the pair, else mean_k [log q(z_k|x) - log p(z_k)]
+      (then with K = 1, elbo and iwae are the same number); None without a prior log_prob;
+    - `sq_err`: mean_k ||x - E[x|z_k]||^2, and `sq_err_original` with the difference scaled
+      by `std` (the standardiser's) when given.
+
+    Exactly K samples per example. Memory is bounded by `chunk` (example, sample) pairs at
+    once: examples are taken `chunk // K` at a time, and when K exceeds `chunk` the samples of
+    one example are drawn in blocks whose log-sum-exps are combined, so N and K can be large.
+    """
+    K = int(iw_samples)
+    if K <= 0:
+        raise ElbokitError(f"The number of importance samples must be a positive integer, got {iw_samples}.")
+    rows = max(1, int(chunk))
+    k_block = min(K, rows)
+    per_chunk = max(1, rows // k_block)
+    decode = _decoder(model)
+    has_log_prob = bool(getattr(prior, "has_log_prob", True))
+    out: dict[str, list[torch.Tensor]] = {"iwae": [], "log_lik": [], "kl": [], "sq_err": [], "sq_err_original": []}
+    kl_kind = None
+    with _seeded(seed):
+        for start in range(0, x.shape[0], per_chunk):
+            xb = x[start:start + per_chunk]
+            b, d = xb.shape
+            q = model.encode(xb)
+            kl_exact = analytic_kl(q, prior) if has_log_prob else None
+            kl_kind = kl_kind or ("analytic" if kl_exact is not None else "mc")
+            lse_blocks, log_lik_sum = [], xb.new_zeros(b)
+            log_ratio_sum, sq_sum, sq_orig_sum = xb.new_zeros(b), xb.new_zeros(b), xb.new_zeros(b)
+            for k0 in range(0, K, k_block):
+                kb = min(k_block, K - k0)
+                z = q.sample((kb,))  # (kb, b, L)
+                flat_z = z.reshape(kb * b, -1)
+                dec = decode(flat_z)
+                flat_x = xb.expand(kb, b, d).reshape(kb * b, d)
+                log_lik = likelihood.log_prob(flat_x, dec).reshape(kb, b)
+                log_lik_sum += log_lik.sum(0)
+                diff = xb - likelihood.mean(dec).reshape(kb, b, d)
+                sq_sum += diff.pow(2).sum(-1).sum(0)
+                if std is not None:
+                    sq_orig_sum += (diff * std).pow(2).sum(-1).sum(0)
+                if has_log_prob:
+                    # log p(z) - log q(z|x); q.log_prob broadcasts over the sample dimension.
+                    log_ratio = prior.log_prob(flat_z).reshape(kb, b) - q.log_prob(z)
+                    log_ratio_sum += log_ratio.sum(0)
+                    lse_blocks.append(torch.logsumexp(log_lik + log_ratio, dim=0))
+            out["log_lik"].append(log_lik_sum / K)
+            out["sq_err"].append(sq_sum / K)
+            out["sq_err_original"].append(sq_orig_sum / K)
+            if has_log_prob:
+                out["iwae"].append(torch.logsumexp(torch.stack(lse_blocks), dim=0) - math.log(K))
+                out["kl"].append(kl_exact if kl_exact is not None else -log_ratio_sum / K)
+    result: dict[str, Any] = {k: (torch.cat(v) if v else None) for k, v in out.items()}
+    if std is None:
+        result["sq_err_original"] = None
+    result["kl_estimator"] = kl_kind if has_log_prob else None
+    return result
+
+
+# ------------------------------------------------------------ the aggregate posterior
+def knn_cross_entropy_terms(z: torch.Tensor, prior_samples: torch.Tensor, k: int = KNN_K,
+                            chunk: int = 1024) -> torch.Tensor:
+    """Per-sample terms of the k-NN cross-entropy H[q(z), p(z)] to prior samples (DESIGN.md
+    section 3): psi(M_p) - psi(k) + log c_d + d log rho_k(z_i); their mean is the estimate."""
+    m, d = prior_samples.shape
+    if m <= k:
+        raise ElbokitError(f"The k-NN cross-entropy needs more than k={k} prior samples.")
+    rho = torch.cat([torch.cdist(z[i:i + chunk], prior_samples).topk(k, dim=1, largest=False).values[:, -1]
+                     for i in range(0, z.shape[0], chunk)])
+    const = float(torch.special.digamma(torch.tensor(float(m))) - torch.special.digamma(torch.tensor(float(k))))
+    return const + log_unit_ball_volume(d) + d * rho.clamp_min(1e-12).log()
+
+
+@torch.no_grad()
+def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, prior: Any, *,
+                              samples_per_point: int = SURGERY_SAMPLES, seed: int = 0,
+                              n_prior_samples: int = KNN_PRIOR_SAMPLES) -> dict[str, Any]:
+    """Per-example (N,) Monte-Carlo terms of the ELBO surgery with the exact aggregate
+    posterior q(z) = (1/N) sum_m q(z|x_m) of the N given posteriors (diagonal Gaussians):
+
+    with z_ns ~ q(z|x_n), s = 1..S, each entry is a mean over s of
+    - `mi`: log q(z_ns|x_n) - log q(z_ns)          (mean: I_q(x;z), at most log N)
+    - `entropy`: -log q(z_ns)                       (mean: H[q(z)])
+    - `cross_entropy`: -log p(z_ns), or the k-NN term to prior samples for a prior without
+      log_prob (mean: H[q(z), p(z)])
+    - `kl_mc`: log q(z_ns|x_n) - log p(z_ns) = mi + (cross_entropy - entropy), the Monte-Carlo
+      KL_x the identity compares with (None without log_prob).
+
+    log q(z) is an exact N-component mixture density, evaluated by `elbokit.ops` (matrix
+    products, row chunks: memory linear in N) in float64, because the expanded square loses
+    digits in float32 when posterior scales are small.
+    """
+    n, latent = loc.shape
+    S = int(samples_per_point)
+    loc64, scale64 = loc.double(), scale.double()
+    with _seeded(seed):
+        z = loc64 + scale64 * torch.randn(S, n, latent, dtype=torch.float64, device=loc.device)  # (S, N, L)
+        prior_samples = None
+        if not getattr(prior, "has_log_prob", True):
+            prior_samples = prior.sample(int(n_prior_samples)).double()
+    flat = z.reshape(S * n, latent)
+    log_cond = D.Normal(loc64, scale64).log_prob(z).sum(-1)  # (S, N): log q(z_ns | x_n)
+    # Keep the (chunk, N) block near 4M float64 entries whatever N is.
+    rows = max(1, (1 << 22) // max(n, 1))
+    log_agg = (logsumexp_gaussian_mixture(flat, loc64, scale64, chunk=rows) - math.log(n)).reshape(S, n)
+    if prior_samples is not None:
+        xent = knn_cross_entropy_terms(flat, prior_samples).reshape(S, n)
+        kl_mc, xent_kind = None, f"knn (k={KNN_K}, {int(n_prior_samples)} prior samples)"
+    else:
+        log_p = prior.log_prob(flat.to(loc.dtype)).double().reshape(S, n)
+        xent, kl_mc, xent_kind = -log_p, (log_cond - log_p).mean(0), "mc"
+    return {"mi": (log_cond - log_agg).mean(0), "entropy": (-log_agg).mean(0),
+            "cross_entropy": xent.mean(0), "kl_mc": kl_mc, "cross_entropy_estimator": xent_kind}
+
+
+@torch.no_grad()
+def encode_all(model: Any, x: torch.Tensor, chunk: int = DEFAULT_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """loc and scale of q(z|x) for every row of x, (N, L) each."""
+    locs, scales = [], []
+    for start in range(0, x.shape[0], chunk):
+        loc, scale = _normal_parts(model.encode(x[start:start + chunk]))
+        locs.append(loc)
+        scales.append(scale.expand_as(loc))
+    return torch.cat(locs), torch.cat(scales)
+
+
+# -------------------------------------------------------------------- known truths
+def gaussian_generator_loglik(x_original: np.ndarray, W: np.ndarray, noise_std: float) -> np.ndarray:
+    """Exact log p(x) per example for x = z W + N(0, s^2 I), z ~ N(0, I): x ~ N(0, W^T W + s^2 I)."""
+    W = np.asarray(W, dtype=np.float64)
+    cov = torch.as_tensor(W.T @ W + float(noise_std) ** 2 * np.eye(W.shape[1]), dtype=torch.float64)
+    dist = D.MultivariateNormal(torch.zeros(W.shape[1], dtype=torch.float64), covariance_matrix=cov)
+    return dist.log_prob(torch.as_tensor(np.asarray(x_original), dtype=torch.float64)).numpy()
+
+
+def latent_r2(code_means: np.ndarray, z_true: np.ndarray, folds: int = 5, seed: int = 0) -> float | None:
+    """R^2 of a linear least-squares map from E[z|x] to the true z, cross-validated: each
+    example is predicted by a fit on the other folds (so extra code dimensions cannot inflate
+    it), averaged uniformly over the true latent dimensions. None for fewer than 2*folds points."""
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    code_means, z_true = np.asarray(code_means, dtype=np.float64), np.asarray(z_true, dtype=np.float64)
+    if len(code_means) < 2 * folds:
+        return None
+    pred = cross_val_predict(LinearRegression(), code_means, z_true,
+                             cv=KFold(folds, shuffle=True, random_state=seed))
+    return float(r2_score(z_true, pred))
+
+
+def _is_gaussian_generator(meta: Mapping[str, Any] | None) -> bool:
+    """True for data of the `gaussian` generator: W and noise_std alone are not enough, since
+    the `mixture` generator has them too but non-Gaussian latents."""
+    if not meta or "W" not in meta or "noise_std" not in meta:
+        return False
+    return str(np.asarray(meta.get("generator", ""))) == "gaussian"
+
+
+# ------------------------------------------------------------------------ the report
+def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: Any = None,
+                   meta: Mapping[str, Any] | None = None, standardizer: Any = None,
+                   iw_samples: int = DEFAULT_IW_SAMPLES, seed: int = 0, chunk: int = DEFAULT_ROWS,
+                   surgery_samples: int = SURGERY_SAMPLES) -> dict[str, Any]:
+    """Every held-out metric of DESIGN.md section 5 for data `x` in model (standardised) space.
+
+    `z_true` (N, L') gives `latent_r2`; `meta` from the `gaussian` generator (W, noise_std)
+    gives `exact_loglik`; `standardizer` (mean/std/log_abs_det_jacobian) turns log-likelihoods
+    and `mse` into original data units. Returns a JSON-able dict: each estimate as a float
+    with `<name>_se` its standard error over examples; what cannot be computed is None, with
+    the reason under `unavailable`. See docs/evaluation.md.
+    """
+    started = time.perf_counter()
+    K = int(iw_samples)
+    if K <= 0:
+        raise ElbokitError(f"--iw-samples must be a positive integer, got {iw_samples}.")
+    device, dtype = _device_dtype(model)
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(device=device, dtype=dtype)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ElbokitError(f"Evaluation needs at least 2 examples as an (N, D) array, got shape {tuple(x.shape)}.")
+    n = int(x.shape[0])
+    ladj = float(standardizer.log_abs_det_jacobian) if standardizer is not None else 0.0
+    std = (torch.as_tensor(np.asarray(standardizer.std), dtype=dtype, device=device)
+           if standardizer is not None else None)
+    unavailable: dict[str, str] = {}
+    report: dict[str, Any] = {"n": n, "iw_samples": K, "seed": int(seed)}
+
+    with _eval_mode(model, prior, likelihood):
+        iw = importance_sampled_terms(model, prior, likelihood, x, iw_samples=K, seed=seed, chunk=chunk, std=std)
+        loc, scale = encode_all(model, x)
+        surgery = aggregate_posterior_terms(loc, scale, prior, samples_per_point=surgery_samples, seed=seed + 1)
+
+    def put(name: str, values: torch.Tensor | None, shift: float = 0.0, reason: str | None = None) -> None:
+        if values is None:
+            report[name], report[f"{name}_se"] = None, None
+            if reason:
+                unavailable[name] = reason
+            return
+        mean, se = mean_and_se(values)
+        report[name], report[f"{name}_se"] = mean + shift, se
+
+    no_density = (f"prior '{getattr(prior, 'name', type(prior).__name__)}' is sample-only (no log_prob), "
+                  "so log p(z) and hence this bound cannot be evaluated")
+    elbo = iw["log_lik"] - iw["kl"] if iw["kl"] is not None else None
+    put("elbo", elbo, ladj, no_density)
+    put("iwae", iw["iwae"], ladj, no_density)
+    put("recon", -iw["log_lik"], -ladj)  # -E log p(x|z) in original units: the Jacobian enters with -
+    put("kl", iw["kl"], 0.0, no_density)
+    report["kl_estimator"] = iw["kl_estimator"]
+    if iw["sq_err_original"] is not None:
+        put("mse", iw["sq_err_original"])
+    else:
+        put("mse", iw["sq_err"])
+
+    put("mi", surgery["mi"])
+    report["mi_max"] = math.log(n)  # I_q(x;z) of an N-point mixture is at most log N
+    put("entropy", surgery["entropy"])
+    put("cross_entropy", surgery["cross_entropy"])
+    report["cross_entropy_estimator"] = surgery["cross_entropy_estimator"]
+    put("marginal_kl", surgery["cross_entropy"] - surgery["entropy"])
+    if iw["kl"] is not None and surgery["kl_mc"] is not None:
+        # kl - (mi + marginal_kl) = kl - kl_mc per example: zero in expectation; the SE is the
+        # Monte-Carlo error of the surgery terms (and of kl when that is itself MC).
+        put("identity_gap", iw["kl"].double() - surgery["kl_mc"])
+    else:
+        put("identity_gap", None, reason=no_density)
+
+    variances = loc.double().var(0, unbiased=False)
+    report["active_units"] = int((variances > ACTIVE_UNIT_THRESHOLD).sum())
+    report["latent_dim"] = int(loc.shape[1])
+
+    report["latent_r2"] = None
+    if z_true is not None:
+        z_np = np.asarray(z_true, dtype=np.float64).reshape(n, -1)
+        report["latent_r2"] = latent_r2(loc.double().cpu().numpy(), z_np, seed=seed)
+        if report["latent_r2"] is None:
+            unavailable["latent_r2"] = "fewer than 10 examples for the 5-fold cross-validated fit"
+    else:
+        unavailable["latent_r2"] = "the data carry no true latents"
+    report["latent_r2_method"] = ("5-fold cross-validated linear least squares from E[z|x] to the true z on the "
+                                  "evaluated set; R^2 averaged over true latent dimensions")
+
+    if _is_gaussian_generator(meta):
+        x_orig = x.double().cpu().numpy()
+        if standardizer is not None:
+            x_orig = standardizer.inverse(x_orig)
+        exact = gaussian_generator_loglik(x_orig, meta["W"], meta["noise_std"])
+        put("exact_loglik", torch.as_tensor(exact))
+    else:
+        put("exact_loglik", None, reason="the data did not come from the 'gaussian' generator (W, noise_std)")
+
+    # The paper's Table II (DESIGN.md section 6): MSE = E||x - x^||^2 on the normalised
+    # features it trains on, KLD = the per-example KL, "ELBO" = -MSE - KLD. Not a bound.
+    put("paper_mse", iw["sq_err"])
+    report["paper_kld"] = report["kl"]
+    report["paper_elbo"] = -report["paper_mse"] - report["kl"] if report["kl"] is not None else None
+    if report["kl"] is None:
+        unavailable["paper_kld"] = unavailable["paper_elbo"] = no_density
+
+    report["units"] = {**UNITS, "log_abs_det_jacobian": ladj,
+                       "space": "standardised model space mapped to original units" if standardizer is not None
+                       else "original data units (no standardiser)"}
+    report["bounds"] = dict(BOUNDS)
+    report["unavailable"] = unavailable
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+# ------------------------------------------------------------------------- run dirs
+def evaluate_run(run: Any, split: str = "test", data: Any = None, iw_samples: int = DEFAULT_IW_SAMPLES,
+                 seed: int = 0, chunk: int = DEFAULT_ROWS) -> dict[str, Any]:
+    """`evaluate_model` for a run loaded by `elbokit.run.load_run`, on its `split` or on `data`
+    (an `elbokit.data.Dataset` in original units, standardised here with the run's
+    standardiser). The trainer stores the result in summary.json."""
+    dataset = data if data is not None else _run_split(run, split)
+    standardizer = getattr(run, "standardizer", None)
+    x = np.asarray(dataset.x, dtype=np.float64)
+    if standardizer is not None:
+        x = standardizer.transform(x)
+    report = evaluate_model(run.model, run.prior, run.likelihood, x, z_true=getattr(dataset, "z", None),
+                            meta=getattr(dataset, "meta", None), standardizer=standardizer,
+                            iw_samples=iw_samples, seed=seed, chunk=chunk)
+    report["split"] = split if data is None else None
+    report["data"] = getattr(dataset, "name", None)
+    return report
+
+
+def _run_split(run: Any, split: str):
+    """The run's `split` as a Dataset in original units (`Run.load_split(name).data`)."""
+    load = getattr(run, "load_split", None)
+    if not callable(load):
+        raise ElbokitError("This run cannot load its data splits; give the data to evaluate explicitly (--data).")
+    part = load(split)
+    return getattr(part, "data", part)
