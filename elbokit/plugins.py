@@ -130,8 +130,10 @@ class Registry:
 
     def _call_hook(self, pm: pluggy.PluginManager, hook_name: str, strict: bool) -> None:
         kind = KINDS[hook_name]
-        # Each implementation is called on its own so that one that raises skips only itself.
-        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        # Each implementation is called on its own so that one that raises skips only itself,
+        # in registration order: a name belongs to the plugin loaded first (the built-ins), and
+        # a later plugin that registers it again is the one reported.
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin = impl.plugin_name
             staged: list[Entry] = []
 
