@@ -103,9 +103,13 @@ class EntropyMWS(Estimator):
         super().__init__()
         self.chunk = int(chunk)
 
-    def log_aggregate(self, batch: Batch) -> torch.Tensor:
+    def log_aggregate(self, batch: Batch, log_q_own: torch.Tensor | None = None) -> torch.Tensor:
+        """log q^(z_i), (B,). `log_q_own` is log q(z_i|x_i) if the caller already has it."""
         n = _require_dataset_size(batch, "mws")
-        lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale, chunk=self.chunk)
+        if log_q_own is None:
+            log_q_own = batch.posterior.log_prob(batch.z)
+        lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale,
+                                         chunk=self.chunk, diagonal=log_q_own)
         return lse - math.log(n * batch.size)
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
@@ -125,7 +129,8 @@ class EntropyMSS(Estimator):
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         n = _require_dataset_size(batch, "mss")
         log_w = mss_log_weights(batch.size, n, device=batch.z.device, dtype=batch.z.dtype)
-        lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale, log_w, chunk=self.chunk)
+        lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale, log_w,
+                                         chunk=self.chunk, diagonal=batch.posterior.log_prob(batch.z))
         return -lse
 
 
@@ -285,12 +290,14 @@ class InfoNCE(Estimator):
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         if self.critic == "encoder":
-            lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale, chunk=self.chunk)
             diag = batch.posterior.log_prob(batch.z)
+            lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale,
+                                             chunk=self.chunk, diagonal=diag)
         else:
             s = self.scores(batch)
             lse, diag = torch.logsumexp(s, dim=1), s.diagonal()
-        return math.log(batch.size) + diag - lse
+        # diag - lse <= 0 exactly (lse includes the diagonal), so the value never exceeds log K.
+        return math.log(batch.size) + (diag - lse)
 
 
 class MutualInformationMWS(Estimator):
@@ -304,7 +311,8 @@ class MutualInformationMWS(Estimator):
         self.entropy = EntropyMWS(chunk=chunk)
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
-        return batch.posterior.log_prob(batch.z) - self.entropy.log_aggregate(batch)
+        log_q_own = batch.posterior.log_prob(batch.z)
+        return log_q_own - self.entropy.log_aggregate(batch, log_q_own)
 
 
 @hookimpl
