@@ -422,6 +422,10 @@ def evaluate_run(run: Any, split: str = "test", data: Any = None, iw_samples: in
     dataset = data if data is not None else _run_split(run, split)
     standardizer = getattr(run, "standardizer", None)
     x = np.asarray(dataset.x, dtype=np.float64)
+    expected = getattr(run.model, "data_dim", None)
+    if expected is not None and (x.ndim != 2 or x.shape[1] != expected):
+        raise ElbokitError(f"The data to evaluate have shape {tuple(x.shape)}, but the model takes "
+                           f"{expected} features.")
     if standardizer is not None:
         x = standardizer.transform(x)
     report = evaluate_model(run.model, run.prior, run.likelihood, x, z_true=getattr(dataset, "z", None),

@@ -319,3 +319,73 @@ def test_report_is_json(trained_report):
 
     again = json.loads(json.dumps(trained_report, allow_nan=False))
     assert again["iw_samples"] == 100 and set(again["bounds"]) >= {"elbo", "iwae", "exact_loglik", "paper_elbo"}
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real run directory: `elbokit train` for 3 epochs on small gaussian data."""
+    from elbokit.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "gaussian"
+    code = main(["train", "--data", "gaussian", "--n", "600", "--hidden", "16", "--max-epochs", "3",
+                 "--batch-size", "128", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_train_stores_the_evaluation_in_the_summary(run_dir):
+    import json
+
+    test = json.loads((run_dir / "summary.json").read_text())["test"]
+    assert test["n"] == 60 and test["split"] == "test" and test["iw_samples"] == 1000
+    assert test["elbo"] <= test["iwae"] <= test["exact_loglik"]
+
+
+def test_cli_evaluate_json_matches_the_library(run_cli, run_dir):
+    import json
+
+    from elbokit.evaluate import evaluate_run
+    from elbokit.run import load_run
+
+    result = run_cli("evaluate", run_dir, "--json", "--iw-samples", "50", "--seed", "4", "--checkpoint", "last")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    expected = evaluate_run(load_run(run_dir, "last"), iw_samples=50, seed=4)
+    for key in ("elbo", "iwae", "exact_loglik", "kl", "mi", "marginal_kl", "paper_elbo", "latent_r2"):
+        assert report[key] == pytest.approx(expected[key], rel=1e-9), key
+    assert report["split"] == "test" and report["iw_samples"] == 50 and report["checkpoint"] == "last"
+    assert report["elbo"] <= report["iwae"] <= report["exact_loglik"]
+    assert report["units"]["log_abs_det_jacobian"] == pytest.approx(
+        load_run(run_dir).standardizer.log_abs_det_jacobian)
+
+
+def test_cli_evaluate_table_marks_the_bounds(run_cli, run_dir):
+    result = run_cli("evaluate", run_dir, "--split", "val", "-k", "20")
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "lower bound" in text and "exact" in text and "NOT a bound" in text and "val split" in text
+
+
+def test_cli_evaluate_other_data(run_cli, run_dir):
+    import json
+
+    result = run_cli("evaluate", run_dir, "--data", "gaussian", "--data-option", "n=300", "-k", "20", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n"] == 300 and report["split"] is None and report["exact_loglik"] is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing-run-dir"], "Run directory not found"),
+    (["{run}", "--iw-samples", "0"], "--iw-samples must be a positive integer"),
+    (["{run}", "--split", "holdout"], "Unknown split 'holdout'"),
+    (["{run}", "--data", "digits"], "the model takes 20 features"),
+    (["{run}", "--data", "gaussian", "--split", "val"], "--split picks one of the run's own splits"),
+])
+def test_cli_evaluate_bad_input_is_one_line(run_cli, run_dir, tmp_path, args, message):
+    args = [a.replace("{run}", str(run_dir)) if a == "{run}" else str(tmp_path / a) if a == "missing-run-dir" else a
+            for a in args]
+    result = run_cli("evaluate", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
