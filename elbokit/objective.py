@@ -173,15 +173,31 @@ def build_objective(
     for key in options:
         if key not in names:
             raise ElbokitError(f"Options were given for term '{key}', which is not among the terms ({', '.join(names)}).")
+    for key in weights or {}:
+        if key not in names:
+            raise ElbokitError(f"A weight was given for term '{key}', which is not among the terms ({', '.join(names)}).")
     built: dict[str, ElboTerm] = {}
     final_weights: dict[str, float] = {}
     for name, weight in parsed:
         term_cls = registry.term(name)
-        built[name] = make_term(term_cls, options.get(name, {}), registry)
-        final_weights[name] = float((weights or {}).get(name, weight))
+        term_options = options.get(name, {})
+        # `weight` is accepted among a term's options (as in a config file); weights= wins.
+        weight = term_options.pop("weight", weight)
+        built[name] = make_term(term_cls, term_options, registry)
+        final_weights[name] = _finite_weight(name, (weights or {}).get(name, weight))
     objective = Objective(built, final_weights, prior, dataset_size=dataset_size)
     objective.check(has_positives=has_positives, dataset_size=dataset_size)
     return objective
+
+
+def _finite_weight(name: str, value: Any) -> float:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise ElbokitError(f"The weight of term '{name}' must be a number, got {value!r}.") from None
+    if not math.isfinite(weight):
+        raise ElbokitError(f"The weight of term '{name}' must be finite, got {value!r}.")
+    return weight
 
 
 def make_term(term_cls: type[ElboTerm], opts: Mapping[str, Any], registry: Any) -> ElboTerm:

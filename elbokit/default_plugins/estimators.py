@@ -44,7 +44,11 @@ class AnalyticKL(Estimator):
     quantity, name, kind = "kl", "analytic", "exact"
 
     def check_prior(self, prior: Prior) -> str | None:
-        if not _has_analytic_kl(D.Independent, prior.distribution() if prior.has_log_prob else None):
+        if not prior.has_log_prob:
+            # mc and auto need the density too: point at what does work.
+            return (f"prior '{prior.name}' has no density, so no KL to it can be computed; use a prior "
+                    "with a density such as 'gmm', or the 'ed' terms with xent.estimator=knn.")
+        if not _has_analytic_kl(D.Independent, prior.distribution()):
             return (f"no closed-form KL is registered for a Gaussian posterior and prior '{prior.name}'; "
                     "use kl.estimator=mc (or auto).")
         return None
@@ -199,7 +203,9 @@ class CrossEntropyAnalytic(Estimator):
 
     def check_prior(self, prior: Prior) -> str | None:
         if prior.name != "standard-normal":
-            return f"the analytic cross-entropy is for the standard-normal prior only, not '{prior.name}'; use xent.estimator=mc or knn."
+            instead = "mc or knn" if prior.has_log_prob else "knn"
+            return (f"the analytic cross-entropy is for the standard-normal prior only, not '{prior.name}'; "
+                    f"use xent.estimator={instead}.")
         return None
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
