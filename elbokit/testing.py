@@ -27,6 +27,7 @@ state) and take well under a second for small components.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -296,14 +297,22 @@ def _registry_with(kind: str, cls: type, plugins: Iterable[Any], what: str) -> R
         _fail(what, f"cannot be registered: {exc}")
 
 
+_FITTED: dict[tuple[type, int], Prior] = {}
+
+
 def _test_priors(registry: Registry, dim: int) -> dict[str, Prior]:
     """standard-normal, a 2-component gmm fitted to samples, and the sample-only `samples`."""
-    shift = torch.zeros(dim)
-    shift[0] = 2.0
-    samples = torch.cat([torch.randn(200, dim) - shift, 0.5 * torch.randn(200, dim) + shift])
+    gmm_cls = registry.prior("gmm")
+    if (gmm_cls, dim) not in _FITTED:  # fitting is the slow part: once per process
+        shift = torch.zeros(dim)
+        shift[0] = 2.0
+        generator = torch.Generator().manual_seed(dim)
+        samples = torch.cat([torch.randn(200, dim, generator=generator) - shift,
+                             0.5 * torch.randn(200, dim, generator=generator) + shift])
+        _FITTED[(gmm_cls, dim)] = gmm_cls(samples=samples, n_components=2)
     return {
         "standard-normal": registry.prior("standard-normal")(dim=dim),
-        "gmm": registry.prior("gmm")(samples=samples, n_components=2),
+        "gmm": copy.deepcopy(_FITTED[(gmm_cls, dim)]),
         "samples": registry.prior("samples")(samples=torch.randn(512, dim)),
     }
 
