@@ -134,7 +134,10 @@ def split_check(name: str, value: Any) -> list[float]:
 def hidden_check(name: str, value: Any) -> list[int]:
     if not isinstance(value, (list, tuple)) or not value:
         raise ElbokitError(f"{name} must be a non-empty list of layer sizes such as [400, 400], got {value!r}.")
-    return [positive_int(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    for i, v in enumerate(value):
+        if not (_num(v) and float(v) == int(v) and v > 0):
+            raise ElbokitError(f"{name}: layer sizes must be positive integers, got {v!r} at position {i + 1}.")
+    return [int(v) for v in value]
 
 
 def device_check(name: str, value: Any) -> str:

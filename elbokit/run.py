@@ -163,7 +163,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise ElbokitError(f"Checkpoint not found: {path}.")
     data = path.read_bytes()
     try:
-        tensors = load(data)
+        # Fresh (aligned) copies: tensors viewing the file buffer can be misaligned, and
+        # vectorised CPU kernels then round differently in the last bit, which would make a
+        # resumed run drift from an uninterrupted one.
+        tensors = {k: v.clone() for k, v in load(data).items()}
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
     except (SafetensorError, ValueError, OSError, RuntimeError, UnicodeDecodeError) as exc:

@@ -220,7 +220,8 @@ def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: 
             options["samples"] = prior_samples_for(cfg, dataset, prior_name)
         elif cfg["prior"]["samples"]:
             raise ElbokitError(f"Prior '{prior_name}' is not fitted to samples; drop --prior-samples or use gmm or samples.")
-        prior = make_prior(prior_name, dim=cfg["model"]["latent_dim"], registry=registry, **options)
+        fitted = make_prior(prior_name, dim=cfg["model"]["latent_dim"], registry=registry, **options)
+        prior = rebuild_prior(fitted, prior_cls)
     prior.attach(model)  # before the optimiser and before any checkpoint state
     has_positives = splits["train"].x_pos is not None
     objective = run_mod.build_objective_for(cfg, prior, dataset.dim, len(indices["train"]), has_positives, registry)
@@ -235,6 +236,22 @@ def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: 
         setup.notes.append(f"Prior '{prior.name}' has no log_prob, so the validation -ELBO cannot be computed; "
                            "early stopping and the best checkpoint use the objective's own validation loss.")
     return setup
+
+
+def rebuild_prior(prior: Any, prior_cls: type) -> Any:
+    """`PriorClass(**prior.spec())` + the fitted state: exactly how a checkpoint restores it.
+
+    Training always runs on the rebuilt prior so that a resumed run computes with tensors of
+    the same layout (a fitted buffer may be column-major, e.g. a Cholesky factor, and kernels
+    round differently on other strides), and so that a prior whose spec() cannot rebuild it
+    is refused now rather than when the run is loaded."""
+    state = {k: v.detach().clone().contiguous() for k, v in prior.state_dict().items()}
+    try:
+        rebuilt = prior_cls(**prior.spec())
+        rebuilt.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ElbokitError(f"Prior '{prior.name}' cannot be rebuilt from its spec() {prior.spec()} and state: {exc}") from None
+    return rebuilt
 
 
 def seed_everything(seed: int) -> None:
@@ -359,8 +376,8 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None) -> dict
         for key, value in values.items():
             if key in RESUMABLE_OVERRIDES.get(section, set()):
                 cfg[section][key] = value
-            elif section == "output" and key == "out":
-                continue
+            elif (section == "output" and key == "out") or cfg.get(section, {}).get(key) == value:
+                continue  # the same value (e.g. a full config passed back in) is no change
             else:
                 raise ElbokitError(f"{section}.{key} cannot change when resuming (only "
                                    f"{', '.join(sorted(k for s in RESUMABLE_OVERRIDES.values() for k in s))} can).")

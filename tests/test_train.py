@@ -1,0 +1,247 @@
+"""`elbokit train` end to end on tiny data: presets and priors, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+FAST = ["--n", "300", "--hidden", "16", "--batch-size", "64", "--max-epochs", "2", "--no-evaluate", "-q"]
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("seconds")  # wall-clock time is the only thing allowed to differ
+    return rows
+
+
+def checkpoint_tensors(run_dir, which="last"):
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / "checkpoints" / f"{which}.safetensors"))
+
+
+@pytest.mark.parametrize("terms, prior, extra", [
+    ("classic", "standard-normal", []),
+    ("ed", "standard-normal", []),
+    ("classic", "gmm", []),
+    ("ed", "gmm", ["--prior-option", "n_components=2"]),
+    ("ed", "samples", []),
+])
+def test_each_preset_and_prior_trains_and_writes_its_run_dir(tmp_path, run_cli, terms, prior, extra):
+    out = tmp_path / "run"
+    res = run_cli("train", "--terms", terms, "--prior", prior, *FAST, "--json", "--out", out, *extra)
+    assert res.exit_code == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["run_dir"] == str(out) and summary["epochs"] == 2 and summary["steps"] == 2 * (240 // 64)
+    assert summary["prior"] == prior and np.isfinite(summary["best_val"]) and summary["steps_per_second"] > 0
+    for name in ("config.toml", "data.safetensors", "metrics.jsonl", "summary.json",
+                 "checkpoints/best.safetensors", "checkpoints/last.safetensors"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "summary.json").read_text()) == summary
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    names = {"classic": {"recon", "kl"}, "ed": {"recon", "infonce", "entropy", "xent"}}[terms]
+    assert set(rows[0]["train"]["terms"]) == names
+    # The selection metric is the validation -ELBO whenever the prior has a density.
+    assert summary["select_metric"] == ("val_loss" if prior == "samples" else "val_neg_elbo")
+
+    from elbokit.run import load_run
+
+    run = load_run(out)
+    assert run.prior.name == prior and not run.model.training
+    assert run.state["epoch"] == summary["best_epoch"]
+    test = run.load_split("test")
+    assert test.x.shape == (30, 20) and test.data.z.shape == (30, 5)
+    # .data is in original units, .x standardised with the train-split standardiser.
+    assert np.allclose(run.standardizer.transform(test.data.x), test.x.numpy(), atol=1e-5)
+    if prior == "gmm":
+        saved = checkpoint_tensors(out, "best")
+        assert np.allclose(saved["objective.prior.means"], run.prior.means.numpy())
+
+
+def test_same_seed_same_numbers_and_another_seed_differs(tmp_path, run_cli):
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        res = run_cli("train", "--terms", "ed", *FAST, "--seed", seed, "--out", tmp_path / name)
+        assert res.exit_code == 0, res.stderr
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert metrics(tmp_path / "a") != metrics(tmp_path / "c")
+    a, b = checkpoint_tensors(tmp_path / "a"), checkpoint_tensors(tmp_path / "b")
+    assert all(np.array_equal(a[k], b[k]) for k in a if k.startswith("model."))
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, run_cli):
+    args = ["--terms", "ed", "--prior", "gmm", "--n", "300", "--hidden", "16", "--batch-size", "64",
+            "--no-evaluate", "-q", "--patience", "50"]
+    assert run_cli("train", *args, "--max-epochs", "4", "--out", tmp_path / "full").exit_code == 0
+    assert run_cli("train", *args, "--max-epochs", "2", "--out", tmp_path / "part").exit_code == 0
+    assert len(metrics(tmp_path / "part")) == 2
+    res = run_cli("train", "--resume", tmp_path / "part", "--max-epochs", "4", "-q", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
+    full, part = checkpoint_tensors(tmp_path / "full"), checkpoint_tensors(tmp_path / "part")
+    assert full.keys() == part.keys()
+    assert all(np.array_equal(full[k], part[k]) for k in full)
+    s_full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    s_part = json.loads(res.stdout)
+    for key in ("epochs", "steps", "best_val", "best_epoch"):
+        assert s_full[key] == s_part[key]
+
+
+def test_resume_after_a_kill_between_metrics_and_checkpoint(tmp_path, run_cli):
+    """A run killed after writing epoch 3's metrics but before its checkpoint re-runs epoch 3."""
+    args = ["--terms", "classic", *FAST[:-4], "--no-evaluate", "-q"]
+    assert run_cli("train", *args, "--max-epochs", "3", "--out", tmp_path / "full").exit_code == 0
+    assert run_cli("train", *args, "--max-epochs", "2", "--out", tmp_path / "part").exit_code == 0
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as fh:  # a stale epoch-3 line
+        fh.write(json.dumps({"epoch": 3, "stale": True}) + "\n")
+    assert run_cli("train", "--resume", tmp_path / "part", "--max-epochs", "3", "-q").exit_code == 0
+    assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
+
+
+def test_print_config_and_config_file_precedence(tmp_path, run_cli):
+    import tomllib
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\nlr = 0.01\nbatch_size = 32\n[terms.infonce]\ncritic = "cosine"\n[objective]\nterms = "ed"\n')
+    res = run_cli("train", "--config", cfg, "--batch-size", "16", "-o", "infonce.temperature=0.5", "--print-config")
+    assert res.exit_code == 0, res.stderr
+    printed = tomllib.loads(res.stdout)
+    assert printed["train"]["lr"] == 0.01 and printed["train"]["batch_size"] == 16
+    assert printed["terms"]["infonce"] == {"critic": "cosine", "temperature": 0.5}
+    assert printed["data"]["n"] == 10000 and printed["data"]["dataset"] == "mixture"
+
+
+def test_library_api_and_weights(tmp_path):
+    from elbokit import config
+    from elbokit.train import train
+
+    cfg = config.resolve(overrides={
+        "objective": {"terms": "recon,kl:0.5"}, "data": {"n": 200}, "model": {"hidden": [8]},
+        "train": {"max_epochs": 1, "batch_size": 50, "evaluate": False}, "output": {"out": str(tmp_path / "r")}})
+    summary = train(cfg)
+    assert summary["epochs"] == 1 and summary["steps"] == 3
+    from elbokit.run import load_run
+
+    assert load_run(tmp_path / "r", "last").objective.weights == {"recon": 1.0, "kl": 0.5}
+
+
+def test_digits_with_bernoulli_is_not_standardised(tmp_path, run_cli):
+    res = run_cli("train", "--data", "digits", "-o", "recon.likelihood=bernoulli", "--hidden", "16",
+                  "--max-epochs", "1", "--no-evaluate", "-q", "--out", tmp_path / "d")
+    assert res.exit_code == 0, res.stderr
+    from elbokit.run import load_run
+
+    run = load_run(tmp_path / "d")
+    assert run.config["data"]["standardize"] is False and np.all(run.standardizer.std == 1)
+    assert run.likelihood.name == "bernoulli" and run.data_info["image_shape"] == [8, 8]
+
+
+# -- bad input: one line, exit code 2, no run directory ----------------------------------
+def _write_inputs(tmp_path):
+    x = np.random.default_rng(0).normal(size=(40, 4))
+    np.savez(tmp_path / "nox.npz", data=x)
+    np.savez(tmp_path / "xpos.npz", x=x, x_pos=x[:, :3])
+    bad = x.copy()
+    bad[17, 1] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    bad = x.copy()
+    bad[5, 0] = np.inf
+    np.save(tmp_path / "inf.npy", bad)
+    np.save(tmp_path / "empty.npy", np.zeros((0, 4)))
+    np.save(tmp_path / "plain.npy", x)
+    (tmp_path / "garbage.npy").write_bytes(b"\x80\x04not a numpy file")
+    (tmp_path / "unknown.toml").write_text("[train]\nlearning_rate = 0.1\n")
+    (tmp_path / "badsection.toml").write_text("[optim]\nlr = 0.1\n")
+    (tmp_path / "broken.toml").write_text("[train\nlr = \n")
+    np.save(tmp_path / "prior3.npy", np.zeros((50, 3)))
+
+
+BAD_INPUT = [
+    (["--data", "{tmp}/missing.npz"], "not found"),
+    (["--data", "{tmp}/garbage.npy"], "Cannot read"),
+    (["--data", "{tmp}/nox.npz"], "no array named 'x'"),
+    (["--data", "{tmp}/xpos.npz"], "x_pos has shape (40, 3)"),
+    (["--data", "{tmp}/nan.npy"], "row 17"),
+    (["--data", "{tmp}/inf.npy"], "row 5"),
+    (["--data", "{tmp}/empty.npy"], "empty"),
+    (["--data", "nosuchdataset"], "Unknown dataset"),
+    (["--batch-size", "0"], "train.batch_size (--batch-size) must be a positive integer"),
+    (["--latent-dim", "-2"], "model.latent_dim"),
+    (["--hidden", "16,0"], "got 0 at position 2"),
+    (["--n", "0"], "data.n (--n)"),
+    (["--lr", "0"], "train.lr (--lr) must be a positive number"),
+    (["--lr", "-0.001"], "train.lr"),
+    (["--max-epochs", "0"], "train.max_epochs"),
+    (["--prior", "gmm", "--data", "{tmp}/plain.npy", "--terms", "classic"], "--prior-samples"),
+    (["--prior", "gmm", "--prior-samples", "{tmp}/prior3.npy"], "dimension 3"),
+    (["--prior", "nosuch"], "Unknown prior"),
+    (["--config", "{tmp}/unknown.toml"], "Unknown config key 'train.learning_rate'"),
+    (["--config", "{tmp}/badsection.toml"], "Unknown config section [optim]"),
+    (["--config", "{tmp}/broken.toml"], "not valid TOML"),
+    (["--config", "{tmp}/nosuch.toml"], "Config file not found"),
+    (["--data", "{tmp}/plain.npy", "--terms", "ed"], "needs positive pairs"),
+    (["--terms", "recon,,kl"], "--terms"),
+    (["--option", "infonce.critic=cosine"], "not among the terms"),
+    (["--select", "best"], "train.select"),
+    (["--n", "2"], "too few"),
+    (["--resume", "{tmp}/nosuchrun"], "Run directory not found"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, run_cli, args, message):
+    _write_inputs(tmp_path)
+    out = tmp_path / "run"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    # The defaults come first so that the case's own option (given last) wins.
+    res = run_cli("train", "--hidden", "8", "--max-epochs", "1", "--no-evaluate", "-q", "--out", out, *argv)
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path, run_cli):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = run_cli("train", *FAST, "--out", out)
+    assert res.exit_code == 2 and "already exists" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_tensorboard_without_the_package_is_one_clear_error(tmp_path, run_cli):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    res = run_cli("train", *FAST, "--tensorboard", "--out", tmp_path / "run")
+    assert res.exit_code == 2 and "pip install" in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_pickle_given_as_a_checkpoint_is_refused_without_running_it(tmp_path, run_cli):
+    import pickle
+
+    out = tmp_path / "run"
+    assert run_cli("train", *FAST, "--out", out).exit_code == 0
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (out / "checkpoints" / "last.safetensors").write_bytes(pickle.dumps(Evil()))
+    res = run_cli("train", "--resume", out, "--max-epochs", "3", "-q")
+    assert res.exit_code == 2 and "not a readable elbokit checkpoint" in res.stderr
+    assert not marker.exists()
+
+
+def test_resume_refuses_changes_that_would_change_the_run(tmp_path, run_cli):
+    out = tmp_path / "run"
+    assert run_cli("train", *FAST, "--out", out).exit_code == 0
+    res = run_cli("train", "--resume", out, "--latent-dim", "3")
+    assert res.exit_code == 2 and "cannot change when resuming" in res.stderr
