@@ -18,7 +18,7 @@ def test_json_lists_have_name_and_description(run_cli, fresh_registry, command):
 def test_terms_json_says_what_each_term_needs(run_cli, fresh_registry):
     rows = {r["name"]: r for r in json.loads(run_cli("terms", "--json").stdout)}
     assert set(rows) == {"recon", "kl", "infonce", "mi", "entropy", "xent", "marginal-kl"}
-    assert "positives" in rows["infonce"]["needs"]          # default critic `dot` compares x with x+
+    assert "positives" in rows["infonce"]["needs"]          # the default critic `cosine` compares x with x+
     assert "dataset_size" in rows["entropy"]["needs"]       # MWS divides by N M
     assert "prior_log_prob" in rows["kl"]["needs"]
     assert rows["entropy"]["sign"] == -1 and rows["xent"]["sign"] == 1
