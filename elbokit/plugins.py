@@ -60,6 +60,8 @@ class PluginInfo:
     version: str | None
     builtin: bool
     registers: dict[str, list[str]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    loaded: bool = True
 
 
 def first_line(obj: Any) -> str:
@@ -112,6 +114,8 @@ class Registry:
         if strict:
             raise PluginError(message)
         self.failures.append((plugin, message))
+        if plugin in self.plugins:
+            self.plugins[plugin].errors.append(message)
 
     def _load_entry_points(self, pm: pluggy.PluginManager, strict: bool) -> None:
         # Loaded one by one (not pm.load_setuptools_entrypoints) so that one broken plugin
@@ -124,6 +128,7 @@ class Registry:
                 plugin = ep.load()
                 pm.register(plugin, name=name)
             except Exception as exc:  # noqa: BLE001 - any failure of foreign code is reported
+                self.plugins[name] = PluginInfo(name, version, builtin=False, loaded=False)
                 self._fail(name, f"Plugin '{name}' failed to load: {type(exc).__name__}: {exc}", strict)
                 continue
             self.plugins[name] = PluginInfo(name, version, builtin=False)

@@ -208,3 +208,16 @@ def test_elbokit_disable_plugins_turns_entry_points_off(fake_plugins, monkeypatc
     assert ("good-prior" in registry.priors) is loaded
     assert bool(registry.failures) is loaded
     assert "gmm" in registry.priors  # built-ins always load
+
+
+def test_a_plugin_whose_hook_raises_is_one_row_with_its_version_and_error(fake_plugins, run_cli):
+    fake_plugins.add("elbokit-raises", HOOK_RAISES, version="2.0.0")
+    rows = [r for r in json.loads(run_cli("plugins", "--json").stdout) if r["name"] == "elbokit-raises"]
+    assert len(rows) == 1
+    assert rows[0]["version"] == "2.0.0" and rows[0]["error"].startswith("Plugin 'elbokit-raises' raised in ")
+
+
+def test_a_plugin_that_fails_to_import_keeps_its_version(fake_plugins, run_cli):
+    fake_plugins.add("elbokit-broken", IMPORT_FAILS, version="1.2.3")
+    rows = [r for r in json.loads(run_cli("plugins", "--json").stdout) if r["name"] == "elbokit-broken"]
+    assert len(rows) == 1 and rows[0]["version"] == "1.2.3" and rows[0]["description"] == "failed to load"

@@ -114,18 +114,22 @@ def estimators(json_output: bool = JSON_OPTION) -> None:
 
 
 def plugin_rows() -> list[dict[str, Any]]:
+    """One row per plugin; a plugin that failed (to import, in a hook, with a duplicate name)
+    carries its error messages in `error`."""
     reg = registry()
     rows = [{
         "name": info.name,
-        "description": "built-in" if info.builtin else "third-party plugin",
+        "description": "built-in" if info.builtin else ("failed to load" if not info.loaded else "third-party plugin"),
         "version": info.version,
         "builtin": info.builtin,
         "registers": info.registers,
-        "error": None,
+        "error": "; ".join(info.errors) or None,
     } for info in reg.plugins.values()]
+    known = set(reg.plugins)
     for plugin, message in reg.failures:
-        rows.append({"name": plugin, "description": "failed to load", "version": None, "builtin": False,
-                     "registers": {}, "error": message})
+        if plugin not in known:
+            rows.append({"name": plugin, "description": "failed to load", "version": None, "builtin": False,
+                         "registers": {}, "error": message})
     return rows
 
 
