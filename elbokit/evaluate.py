@@ -45,8 +45,12 @@ DEFAULT_ROWS = 16384
 """(example, sample) pairs decoded at once: bounds the memory of the importance-sampling pass
 (activations are rows x widest layer) independently of N and K."""
 
-SURGERY_SAMPLES = 10
-"""Samples z ~ q(z|x_n) per example for the aggregate-posterior (surgery) terms."""
+SURGERY_DRAWS = 10000
+"""Total samples z ~ q(z|x_n) for the aggregate-posterior (surgery) terms: ceil(10000 / N) per
+example (at least 1), so their cost, O(draws x N), stays near 10^4 N pair evaluations."""
+
+SURGERY_BLOCK = 1 << 20
+"""(sample, component) pairs per block of the aggregate density: 8 MB of float64 each."""
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 """Burda et al. (2016): a latent dimension is active if Cov_x(E[z|x]) > 0.01."""
@@ -163,17 +167,23 @@ def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.T
     per_chunk = max(1, rows // k_block)
     decode = _decoder(model)
     has_log_prob = bool(getattr(prior, "has_log_prob", True))
-    out: dict[str, list[torch.Tensor]] = {"iwae": [], "log_lik": [], "kl": [], "sq_err": [], "sq_err_original": []}
+    n = x.shape[0]
+    # Results go straight into preallocated (N,) tensors: a list of per-chunk results, each
+    # allocated while the chunk's large temporaries are alive, pins heap pages (glibc) and makes
+    # resident memory grow with N.
+    names = ["log_lik", "sq_err"] + (["sq_err_original"] if std is not None else []) + (["iwae", "kl"] if has_log_prob else [])
+    out = {name: x.new_empty(n) for name in names}
     kl_kind = None
     with _seeded(seed):
-        for start in range(0, x.shape[0], per_chunk):
-            xb = x[start:start + per_chunk]
+        for start in range(0, n, per_chunk):
+            stop = min(start + per_chunk, n)
+            xb = x[start:stop]
             b, d = xb.shape
             q = model.encode(xb)
             kl_exact = analytic_kl(q, prior) if has_log_prob else None
             kl_kind = kl_kind or ("analytic" if kl_exact is not None else "mc")
-            lse_blocks, log_lik_sum = [], xb.new_zeros(b)
-            log_ratio_sum, sq_sum, sq_orig_sum = xb.new_zeros(b), xb.new_zeros(b), xb.new_zeros(b)
+            lse = xb.new_full((b,), -math.inf)
+            log_lik_sum, log_ratio_sum, sq_sum, sq_orig_sum = (xb.new_zeros(b) for _ in range(4))
             for k0 in range(0, K, k_block):
                 kb = min(k_block, K - k0)
                 z = q.sample((kb,))  # (kb, b, L)
@@ -190,16 +200,16 @@ def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.T
                     # log p(z) - log q(z|x); q.log_prob broadcasts over the sample dimension.
                     log_ratio = prior.log_prob(flat_z).reshape(kb, b) - q.log_prob(z)
                     log_ratio_sum += log_ratio.sum(0)
-                    lse_blocks.append(torch.logsumexp(log_lik + log_ratio, dim=0))
-            out["log_lik"].append(log_lik_sum / K)
-            out["sq_err"].append(sq_sum / K)
-            out["sq_err_original"].append(sq_orig_sum / K)
+                    # Blocks of samples combine exactly: logsumexp over all K = logaddexp of the blocks'.
+                    lse = torch.logaddexp(lse, torch.logsumexp(log_lik + log_ratio, dim=0))
+            out["log_lik"][start:stop] = log_lik_sum / K
+            out["sq_err"][start:stop] = sq_sum / K
+            if std is not None:
+                out["sq_err_original"][start:stop] = sq_orig_sum / K
             if has_log_prob:
-                out["iwae"].append(torch.logsumexp(torch.stack(lse_blocks), dim=0) - math.log(K))
-                out["kl"].append(kl_exact if kl_exact is not None else -log_ratio_sum / K)
-    result: dict[str, Any] = {k: (torch.cat(v) if v else None) for k, v in out.items()}
-    if std is None:
-        result["sq_err_original"] = None
+                out["iwae"][start:stop] = lse - math.log(K)
+                out["kl"][start:stop] = kl_exact if kl_exact is not None else -log_ratio_sum / K
+    result: dict[str, Any] = {name: out.get(name) for name in ("iwae", "log_lik", "kl", "sq_err", "sq_err_original")}
     result["kl_estimator"] = kl_kind if has_log_prob else None
     return result
 
@@ -220,7 +230,7 @@ def knn_cross_entropy_terms(z: torch.Tensor, prior_samples: torch.Tensor, k: int
 
 @torch.no_grad()
 def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, prior: Any, *,
-                              samples_per_point: int = SURGERY_SAMPLES, seed: int = 0,
+                              samples_per_point: int | None = None, seed: int = 0,
                               n_prior_samples: int = KNN_PRIOR_SAMPLES) -> dict[str, Any]:
     """Per-example (N,) Monte-Carlo terms of the ELBO surgery with the exact aggregate
     posterior q(z) = (1/N) sum_m q(z|x_m) of the N given posteriors (diagonal Gaussians):
@@ -233,12 +243,12 @@ def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, prior: Any
     - `kl_mc`: log q(z_ns|x_n) - log p(z_ns) = mi + (cross_entropy - entropy), the Monte-Carlo
       KL_x the identity compares with (None without log_prob).
 
-    log q(z) is an exact N-component mixture density, evaluated by `elbokit.ops` (matrix
-    products, row chunks: memory linear in N) in float64, because the expanded square loses
-    digits in float32 when posterior scales are small.
+    S defaults to ceil(SURGERY_DRAWS / N). log q(z) is an exact N-component mixture density,
+    evaluated by `elbokit.ops` (matrix products) in float64 blocks of SURGERY_BLOCK pairs:
+    memory is linear in N.
     """
     n, latent = loc.shape
-    S = int(samples_per_point)
+    S = int(samples_per_point) if samples_per_point else max(1, math.ceil(SURGERY_DRAWS / n))
     loc64, scale64 = loc.double(), scale.double()
     with _seeded(seed):
         z = loc64 + scale64 * torch.randn(S, n, latent, dtype=torch.float64, device=loc.device)  # (S, N, L)
@@ -247,9 +257,14 @@ def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, prior: Any
             prior_samples = prior.sample(int(n_prior_samples)).double()
     flat = z.reshape(S * n, latent)
     log_cond = D.Normal(loc64, scale64).log_prob(z).sum(-1)  # (S, N): log q(z_ns | x_n)
-    # Keep the (chunk, N) block near 4M float64 entries whatever N is.
-    rows = max(1, (1 << 22) // max(n, 1))
-    log_agg = (logsumexp_gaussian_mixture(flat, loc64, scale64, chunk=rows) - math.log(n)).reshape(S, n)
+    rows = max(1, SURGERY_BLOCK // n)
+    # Written into one preallocated tensor: keeping a list of small per-block results, each
+    # allocated while the block's large temporaries were alive, pins those temporaries' heap
+    # pages (glibc), and resident memory then grew by a block per block (2 GB at N = 5000).
+    log_agg = torch.empty(S * n, dtype=torch.float64, device=loc.device)
+    for start in range(0, S * n, rows):
+        log_agg[start:start + rows] = logsumexp_gaussian_mixture(flat[start:start + rows], loc64, scale64, chunk=rows)
+    log_agg = (log_agg - math.log(n)).reshape(S, n)
     if prior_samples is not None:
         xent = knn_cross_entropy_terms(flat, prior_samples).reshape(S, n)
         kl_mc, xent_kind = None, f"knn (k={KNN_K}, {int(n_prior_samples)} prior samples)"
@@ -308,7 +323,7 @@ def _is_gaussian_generator(meta: Mapping[str, Any] | None) -> bool:
 def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: Any = None,
                    meta: Mapping[str, Any] | None = None, standardizer: Any = None,
                    iw_samples: int = DEFAULT_IW_SAMPLES, seed: int = 0, chunk: int = DEFAULT_ROWS,
-                   surgery_samples: int = SURGERY_SAMPLES) -> dict[str, Any]:
+                   surgery_samples: int | None = None) -> dict[str, Any]:
     """Every held-out metric of DESIGN.md section 5 for data `x` in model (standardised) space.
 
     `z_true` (N, L') gives `latent_r2`; `meta` from the `gaussian` generator (W, noise_std)
