@@ -32,11 +32,15 @@ def pairwise_gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, scale: tor
     loc = loc.to(compute) - centre
     scale = scale.to(compute)
     precision = scale.pow(-2)  # (M, L)
-    quad = (z * z) @ precision.T - 2.0 * z @ (loc * precision).T + (loc * loc * precision).sum(-1)  # (R, M)
+    loc_precision = loc * precision
+    # One product [z^2, z] @ [precision, -2 loc precision]^T plus the per-column constant,
+    # so that few (R, M) passes are made.
+    quad = torch.addmm((loc * loc_precision).sum(-1)[None], torch.cat([z * z, z], 1),
+                       torch.cat([precision, -2.0 * loc_precision], 1).T)  # (R, M)
     # Rounding can leave a tiny negative quadratic form where z_i sits on loc_j.
     quad = quad.clamp_min(0.0)
-    const = 2.0 * scale.log().sum(-1) + loc.shape[-1] * LOG_2PI  # (M,)
-    return (-0.5 * (quad + const)).to(out_dtype)
+    half_const = scale.log().sum(-1) + 0.5 * loc.shape[-1] * LOG_2PI  # (M,)
+    return torch.add(-half_const, quad, alpha=-0.5).to(out_dtype)
 
 
 def _lse_rows(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, log_w: torch.Tensor | None,

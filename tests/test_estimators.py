@@ -61,7 +61,7 @@ def test_pairwise_log_density_is_accurate_in_float32_for_small_scales(s, offset)
     exact = naive_pairwise(z.double(), loc.double(), scale.double())
     relevant = exact > exact.max(dim=1, keepdim=True).values - 30.0
     err = (fast - exact).abs()[relevant]
-    assert fast.dtype == torch.float64 and err.max() <= (1e-5 + 4 * FLOAT32_EPS * exact.abs()[relevant]).max()
+    assert (err <= 1e-5 + 4 * FLOAT32_EPS * exact.abs()[relevant]).all()
 
 
 def test_pairwise_log_density_matches_naive_in_float64():
@@ -160,7 +160,8 @@ def test_every_analytic_kl_agrees_with_monte_carlo(fresh_registry):
     checked = []
     for name, prior in _make_priors(fresh_registry, dim).items():
         if analytic.check_prior(prior) is not None:
-            assert "mc" in analytic.check_prior(prior)  # a refusal says what to use instead
+            # A refusal says what to use instead, and never something that would fail too.
+            assert ("kl.estimator=mc" if prior.has_log_prob else "'gmm'") in analytic.check_prior(prior)
             continue
         exact = analytic(batch, prior).view(n_samples, -1)
         assert torch.allclose(exact, exact[0].expand_as(exact))  # depends on q only, not on z
