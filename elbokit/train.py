@@ -197,6 +197,8 @@ def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: 
         standardizer = Standardizer(arrays["standardizer.mean"], arrays["standardizer.std"])
         if len(dataset) != info["n"] or dataset.dim != info["dim"]:
             raise ElbokitError(f"The data of {run_dir} now has shape ({len(dataset)}, {dataset.dim}), not ({info['n']}, {info['dim']}); it cannot be resumed.")
+        if info.get("sha256") and run_mod.sha256_file(dataset.meta["source"]) != info["sha256"]:
+            raise ElbokitError(f"The data file {dataset.meta['source']} has changed since {run_dir} was started (sha256 differs); it cannot be resumed.")
     else:
         indices = split_indices(len(dataset), dcfg["seed"], tuple(dcfg["split"]))
         train_x = dataset.x[indices["train"]]

@@ -260,3 +260,25 @@ def test_resume_refuses_changes_that_would_change_the_run(tmp_path, run_cli):
     assert run_cli("train", *FAST, "--out", out).exit_code == 0
     res = run_cli("train", "--resume", out, "--latent-dim", "3")
     assert res.exit_code == 2 and "cannot change when resuming" in res.stderr
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resuming_matches(tmp_path):
+    from elbokit import config
+    from elbokit.train import SilentReporter, TrainingInterrupted, train
+
+    class InterruptAfterFirstEpoch(SilentReporter):
+        def epoch(self, record):
+            if record["epoch"] == 1:
+                raise KeyboardInterrupt
+
+    def cfg(out):
+        return config.resolve(overrides={"data": {"n": 200}, "model": {"hidden": [8]}, "objective": {"terms": "ed"},
+                                         "train": {"max_epochs": 3, "batch_size": 50, "evaluate": False},
+                                         "output": {"out": str(out)}})
+
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg(tmp_path / "a"), reporter=InterruptAfterFirstEpoch())
+    assert info.value.epoch == 1 and len(metrics(tmp_path / "a")) == 1
+    train(resume=tmp_path / "a")
+    train(cfg(tmp_path / "b"))
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
