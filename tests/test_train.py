@@ -282,3 +282,23 @@ def test_ctrl_c_keeps_the_last_epoch_and_resuming_matches(tmp_path):
     train(resume=tmp_path / "a")
     train(cfg(tmp_path / "b"))
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+def test_user_file_with_prior_samples_and_a_changed_file_is_not_resumed(tmp_path, run_cli):
+    data, prior = tmp_path / "d.npz", tmp_path / "p.npy"
+    assert run_cli("data", "generate", "mixture", "--n", "200", "--out", data).exit_code == 0
+    np.save(prior, np.random.default_rng(0).normal(size=(300, 5)))
+    out = tmp_path / "run"
+    res = run_cli("train", "--data", data, "--terms", "ed", "--prior", "gmm", "--prior-samples", prior,
+                  "--hidden", "8", "--batch-size", "40", "--max-epochs", "1", "--no-evaluate", "-q", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    from elbokit.run import load_run
+
+    run = load_run(out)
+    assert np.allclose(run.prior.means.mean(0).numpy(), 0, atol=0.3)  # fitted to the file's N(0, I) samples
+    assert np.array_equal(run.load_split("val").data.x, np.load(data)["x"][run.indices["val"]])
+    arrays = dict(np.load(data))
+    arrays["x"] = arrays["x"] + 1.0
+    np.savez(data, **arrays)
+    res = run_cli("train", "--resume", out, "--max-epochs", "2", "-q")
+    assert res.exit_code == 2 and "has changed" in res.stderr
