@@ -184,6 +184,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "select": Key("elbo", one_of("elbo", "loss"), "validation metric for early stopping and the best checkpoint: elbo (-ELBO, the same for every objective) or loss (the objective's own)", "--select"),
         "grad_clip": Key(0.0, non_negative_float, "clip the gradient norm to this value (0: no clipping)", "--grad-clip"),
         "device": Key("cpu", device_check, "cpu, cuda, cuda:N or auto", "--device"),
+        "threads": Key(1, non_negative_int, "CPU threads for torch (0: torch's default, all cores); 1 keeps the numbers independent of the machine's core count and is the fastest for the paper's small MLP when other jobs share the cores", "--threads"),
         "val_seed": Key(1234, any_int, "seed of the Monte-Carlo draws of the validation metric, so it is deterministic", None),
         "evaluate": Key(True, boolean, "evaluate the best checkpoint on the test split at the end (when elbokit.evaluate is installed)", "--evaluate/--no-evaluate"),
     },

@@ -37,7 +37,7 @@ from .errors import ElbokitError
 
 # Keys that may change when a run is resumed (they do not change what was already computed).
 RESUMABLE_OVERRIDES = {
-    "train": {"max_epochs", "patience", "lr", "grad_clip", "device", "evaluate"},
+    "train": {"max_epochs", "patience", "lr", "grad_clip", "device", "evaluate", "threads"},
     "output": {"tensorboard"},
 }
 
@@ -365,10 +365,18 @@ def train(config: dict[str, Any] | None = None, *, resume: str | Path | None = N
         cfg = resume_config(resume, config)
     else:
         cfg = config if config is not None else config_mod.resolve()
-    setup = prepare(cfg, resume=resume, registry=registry)
-    for note in setup.notes:
-        reporter.note(note)
-    return Trainer(setup, reporter).fit()
+    # Reductions split across threads round differently, so the thread count is part of the
+    # config (and of a run's numbers); the caller's setting is restored afterwards.
+    previous_threads = torch.get_num_threads()
+    if cfg["train"]["threads"] > 0:
+        torch.set_num_threads(cfg["train"]["threads"])
+    try:
+        setup = prepare(cfg, resume=resume, registry=registry)
+        for note in setup.notes:
+            reporter.note(note)
+        return Trainer(setup, reporter).fit()
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
