@@ -166,3 +166,21 @@ def test_bad_files(tmp_path, case, message):
         load_file(path)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["gaussian", "--n", "0"], "n must be a positive integer"),
+    (["gaussian", "--noise-std", "-1"], "noise_std"),
+    (["uniform"], "Unknown generator 'uniform'"),
+    (["mixture", "--out-suffix"], None),
+])
+def test_data_generate_bad_input(tmp_path, run_cli, args, message):
+    if message is None:  # an existing file is not overwritten without --force
+        out = tmp_path / "d.npz"
+        out.write_bytes(b"keep")
+        res = run_cli("data", "generate", "mixture", "--n", "10", "--out", out)
+        assert res.exit_code == 2 and "already exists" in res.stderr and out.read_bytes() == b"keep"
+        return
+    res = run_cli("data", "generate", *args, "--out", tmp_path / "d.npz")
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "d.npz").exists()

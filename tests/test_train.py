@@ -302,3 +302,15 @@ def test_user_file_with_prior_samples_and_a_changed_file_is_not_resumed(tmp_path
     np.savez(data, **arrays)
     res = run_cli("train", "--resume", out, "--max-epochs", "2", "-q")
     assert res.exit_code == 2 and "has changed" in res.stderr
+
+
+def test_learned_likelihood_parameters_are_trained_saved_and_restored(tmp_path, run_cli):
+    out = tmp_path / "run"
+    res = run_cli("train", *FAST, "-o", "recon.likelihood=gaussian", "--lr", "0.01", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    from elbokit.run import load_run
+
+    run = load_run(out, "last")
+    saved = checkpoint_tensors(out)["objective.terms.recon.likelihood.log_scale"]
+    assert saved.shape == (20,) and np.abs(saved).max() > 1e-3  # moved away from its init of 0
+    assert np.array_equal(run.likelihood.log_scale.detach().numpy(), saved)
