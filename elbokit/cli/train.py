@@ -169,7 +169,7 @@ def train(
         print_json(summary)
     elif not quiet:
         metric = "val -ELBO" if summary["select_metric"] == "val_neg_elbo" else "val loss"
-        print(f"Done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.1f} s "
+        print(f"Done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.2f} s "
               f"({summary['steps_per_second']} steps/s); best {metric} {summary['best_val']:.4f} at epoch "
               f"{summary['best_epoch']} ({summary['space']} space). Run: {summary['run_dir']}")
 
