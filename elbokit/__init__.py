@@ -32,6 +32,7 @@ _EXPORTS = {
     "ElboTerm": "terms",
     "Dataset": "data",
     "VAE": "models",
+    "load_run": "run",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .objective import PRESETS, Objective, ObjectiveOutput, build_objective, parse_terms
     from .plugins import Registry, get_registry
     from .priors import Prior
+    from .run import load_run
     from .terms import ElboTerm
 
 
