@@ -152,7 +152,7 @@ def device_check(name: str, value: Any) -> str:
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
         "dataset": Key("mixture", string, "a registered dataset (gaussian, mixture, digits, ...) or a path to .npz/.npy/.csv", "--data"),
-        "seed": Key(0, any_int, "seed of the data generator and of the train/val/test split (kept apart from train.seed so every training seed sees the same data)", "--data-seed"),
+        "seed": Key(0, non_negative_int, "seed of the data generator and of the train/val/test split (kept apart from train.seed so every training seed sees the same data)", "--data-seed"),
         "n": Key(None, optional_positive_int, "rows to generate (generated datasets; default 10000)", "--n"),
         "data_dim": Key(None, optional_positive_int, "data dimension D (generated datasets; default 20)", "--data-dim"),
         "latent_dim": Key(None, optional_positive_int, "true latent dimension of a generated dataset (default: model.latent_dim)", "--data-latent-dim"),

@@ -42,7 +42,7 @@ def plot_terms(run: Any, out_dir: Path) -> Path:
     """One panel per training term (unweighted batch means), plus the validation metrics."""
     records = run.metrics()
     if not records:
-        raise ElbokitError(f"{run.run_dir} has no metrics yet (metrics.jsonl is empty).")
+        raise ElbokitError(f"{run.run_dir} has no metrics yet (metrics.jsonl is empty): train at least one epoch first.")
     plt = _pyplot()
     epochs = [r["epoch"] for r in records]
     names = list(records[0]["train"]["terms"])
@@ -137,8 +137,15 @@ def plot_run(run_dir: str | Path, checkpoint: str = "best", split: str = "test")
     """Write every figure of the run into RUN_DIR/plots; return the paths written."""
     from .run import load_run
 
+    from .io import check_can_create
+
     run = load_run(run_dir, checkpoint)
     out_dir = Path(run_dir) / "plots"
+    # Everything that can be wrong is checked before the first figure is written.
+    check_can_create(out_dir / "terms.png", "the figure", "make the run directory writable or remove the file in the way")
+    run.load_split(split)
+    if not run.metrics():
+        raise ElbokitError(f"{run.run_dir} has no metrics yet (metrics.jsonl is empty): train at least one epoch first.")
     paths = [plot_terms(run, out_dir), plot_latents(run, out_dir, split)]
     recon = plot_reconstructions(run, out_dir, split)
     if recon is not None:

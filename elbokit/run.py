@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,32 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], data_g
     random.setstate((version, tuple(int(v) for v in tensors["rng.python"].tolist()), gauss))
 
 
+def tensors_crc32(tensors: dict[str, Any]) -> int:
+    """CRC-32 of every tensor's name, shape and bytes, in name order. safetensors keeps no
+    checksum, so this number in the header is what tells damaged tensor bytes from good ones."""
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if torch.is_tensor(t):
+            shape, raw = list(t.shape), t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        else:
+            shape, raw = list(np.shape(t)), np.ascontiguousarray(t).reshape(-1).view(np.uint8)
+        crc = zlib.crc32(f"{name}{shape}".encode(), crc)
+        crc = zlib.crc32(raw, crc)
+    return crc
+
+
+def _check_crc32(tensors: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
+    if "crc32" in meta and tensors_crc32(tensors) != meta["crc32"]:
+        raise ElbokitError(f"{path} is damaged: its tensor bytes do not match the CRC-32 written with them; "
+                           "restore it from a copy, or use the run's other checkpoint (best or last).")
+
+
 def save_checkpoint(path: str | Path, *, model: Any, objective: Any, optimizer: Any,
-                    data_generator: torch.Generator, state: dict[str, Any]) -> None:
-    """Write one checkpoint file atomically (see the module docstring for its contents)."""
+                    data_generator: torch.Generator, state: dict[str, Any],
+                    extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write one checkpoint file atomically (see the module docstring for its contents).
+    `extra`: more tensors, e.g. the position in an interrupted epoch (`partial.*`)."""
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
@@ -146,9 +170,10 @@ def save_checkpoint(path: str | Path, *, model: Any, objective: Any, optimizer: 
                 tensors[f"optimizer.state.{idx}.{k}"] = _cpu(v)
     rng_tensors, rng_meta = rng_state(data_generator)
     tensors.update({k: _cpu(v) for k, v in rng_tensors.items()})
+    tensors.update({k: _cpu(v) for k, v in (extra or {}).items()})
     meta = dict(state)
     meta.update(format=FORMAT_VERSION, rng=rng_meta,
-                optimizer={"param_groups": opt_state["param_groups"]})
+                optimizer={"param_groups": opt_state["param_groups"]}, crc32=tensors_crc32(tensors))
     write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
 
 
@@ -170,14 +195,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
     except (SafetensorError, ValueError, OSError, RuntimeError, UnicodeDecodeError) as exc:
-        raise ElbokitError(f"{path} is not a readable elbokit checkpoint (safetensors): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
+        raise ElbokitError(f"{path} is not a readable elbokit checkpoint (safetensors): {_first_line(exc)}; "
+                           "it may be truncated or another format (nothing in it was run).") from None
     try:
         meta = json.loads(header[META_KEY])
     except (KeyError, ValueError):
         raise ElbokitError(f"{path} is a safetensors file but not an elbokit checkpoint (no '{META_KEY}' metadata).") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise ElbokitError(f"{path} has checkpoint format {meta.get('format')!r}; this elbokit reads format {FORMAT_VERSION}.")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ElbokitError(f"{path} has checkpoint format {found!r}; this elbokit reads format {FORMAT_VERSION}.")
+    _check_crc32(tensors, meta, path)
     return tensors, meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
 
 
 def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -189,8 +222,11 @@ def load_module_state(module: Any, state: dict[str, torch.Tensor], what: str, pa
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ElbokitError(f"The {what} in {path} does not match this run's config ({first}).") from None
+        # torch lists each mismatch on a line of its own after a heading; show the first.
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        detail = (lines[1:] or lines or [""])[0].rstrip(". ")
+        raise ElbokitError(f"The {what} in {path} does not match this run's config.toml ({detail}): the "
+                           "checkpoint comes from another run or architecture; use this run's own checkpoints.") from None
 
 
 def load_optimizer_state(optimizer: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -226,6 +262,7 @@ def save_data_info(run_dir: Path, dataset: Any, indices: dict[str, np.ndarray], 
             "source": dataset.meta.get("source")}
     if info["source"]:
         info["sha256"] = sha256_file(info["source"])
+    info["crc32"] = tensors_crc32(arrays)
     write_bytes(run_dir / "data.safetensors", save(arrays, metadata={META_KEY: json.dumps(info)}))
 
 
@@ -241,8 +278,33 @@ def read_data_info(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
         with safe_open(str(path), framework="np") as fh:
             info = json.loads((fh.metadata() or {})[META_KEY])
     except (SafetensorError, ValueError, KeyError, OSError) as exc:
-        raise ElbokitError(f"{path} is corrupt: {exc}.") from None
+        raise ElbokitError(f"{path} is corrupt ({_first_line(exc)}); the run cannot be read without it.") from None
+    _check_crc32(arrays, info, path)
     return arrays, info
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a metrics.jsonl ([] if there is none). A last line without its
+    newline is one a killed process was writing: it is skipped (a resumed run rewrites it);
+    any other line that is not an epoch's JSON record is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")[:-1]  # after the last newline: "" or a torn line
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise ElbokitError(f"{path} line {number} is not an epoch's metrics record (JSON with an 'epoch'); "
+                               "the file was edited or damaged: restore it, or delete that line.")
+        records.append(record)
+    return records
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
@@ -286,10 +348,7 @@ class Run:
 
     def metrics(self) -> list[dict[str, Any]]:
         """The per-epoch records of metrics.jsonl."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.run_dir / "metrics.jsonl")
 
     def load_dataset(self):
         """The whole dataset in original units, regenerated from the config (generated data)

@@ -19,6 +19,7 @@ holds every random state, so `resume` continues the exact same stream.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -26,6 +27,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,15 +45,28 @@ RESUMABLE_OVERRIDES = {
 
 
 class TrainingDiverged(ElbokitError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss or the parameters became NaN or Inf; the last good checkpoint is kept.
+    Not bad input: the CLI exits with code 3 (EXIT_DIVERGED)."""
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during training: the last complete epoch is saved in checkpoints/last."""
+    """Ctrl-C (SIGINT) or SIGTERM during training. Caught at a step boundary, the state
+    there, with the position in the epoch, is saved in checkpoints/last and resuming is exact
+    (`step_in_epoch` steps of epoch `epoch + 1` done); a second Ctrl-C, or a KeyboardInterrupt
+    raised by code, stops at once and keeps the last complete epoch (`step_in_epoch` 0)."""
 
-    def __init__(self, run_dir: Path, epoch: int):
-        super().__init__(f"Interrupted after epoch {epoch}.")
-        self.run_dir, self.epoch = run_dir, epoch
+    def __init__(self, run_dir: Path, epoch: int, step_in_epoch: int = 0, signum: int | None = None):
+        where = f"at step {step_in_epoch} of epoch {epoch + 1}" if step_in_epoch else f"after epoch {epoch}"
+        super().__init__(f"Interrupted {where}.")
+        self.run_dir, self.epoch, self.step_in_epoch, self.signum = run_dir, epoch, step_in_epoch, signum
+
+
+class _StopRequested(Exception):
+    """Raised inside an epoch, at a step boundary, after SIGINT/SIGTERM; carries the epoch's progress."""
+
+    def __init__(self, progress: dict[str, Any]):
+        super().__init__("stop requested")
+        self.progress = progress
 
 
 class Reporter(Protocol):
@@ -106,15 +121,11 @@ def default_run_dir(cfg: dict[str, Any], root: str | Path = "runs") -> Path:
 
 
 def check_new_run_dir(path: Path) -> None:
+    from .io import check_can_create
+
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ElbokitError(f"The run directory {path} already exists; choose another --out, or continue it with --resume {path}.")
-    parent = path.parent if not path.exists() else path
-    while not parent.exists():
-        parent = parent.parent
-    import os
-
-    if not os.access(parent, os.W_OK):
-        raise ElbokitError(f"Cannot create the run directory {path}: {parent} is not writable.")
+    check_can_create(path, "the run directory", "give --out a path in a writable directory")
 
 
 def load_prior_samples(path: str | Path, latent_dim: int) -> np.ndarray:
@@ -137,7 +148,9 @@ def load_prior_samples(path: str | Path, latent_dim: int) -> np.ndarray:
     except ElbokitError:
         raise
     except (OSError, ValueError, EOFError) as exc:
-        raise ElbokitError(f"Cannot read prior samples from {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
+        reason = ("it holds Python objects, which elbokit never unpickles" if "allow_pickle" in str(exc)
+                  else str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__)
+        raise ElbokitError(f"Cannot read prior samples from {path}: {reason}; give an (n, {latent_dim}) numeric array saved with numpy.save.") from None
     if arr.dtype.kind not in "biuf" or arr.ndim != 2 or arr.shape[0] == 0:
         raise ElbokitError(f"The prior samples in {path} must be a non-empty numeric (n, {latent_dim}) array, got shape {arr.shape}.")
     if arr.shape[1] != latent_dim:
@@ -334,12 +347,10 @@ def _select_metric(setup: Setup) -> str:
 def _truncate_metrics(path: Path, upto_epoch: int) -> None:
     """Keep the records of epochs <= upto_epoch (a run killed between writing an epoch's
     metrics and its checkpoint re-runs that epoch, and must not list it twice)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= upto_epoch]
     from .io import write_text
 
-    write_text(path, "".join(line + "\n" for line in keep))
+    keep = [r for r in run_mod.read_metrics(path) if r["epoch"] <= upto_epoch]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
@@ -408,15 +419,33 @@ class Trainer:
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": 0,
                                       "bad_epochs": 0, "train_seconds": 0.0}
         self.tb = None
+        self.partial: dict[str, Any] | None = None  # an interrupted epoch's progress, from a checkpoint
+        self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit()
 
     # -- run directory ----------------------------------------------------------------
     def _create_run_dir(self) -> None:
+        """Write the config, the data record, an empty metrics.jsonl and the initial state
+        (checkpoints/last at epoch 0) into a hidden directory beside the run directory, then
+        rename it into place: a run directory is complete and resumable, or absent."""
+        import os
+
+        from .io import fsync_dir, make_temporary_dir
+
         s = self.setup
-        s.run_dir.mkdir(parents=True, exist_ok=True)
-        (s.run_dir / "checkpoints").mkdir(exist_ok=True)
-        run_mod.write_config(s.run_dir, s.config)
-        run_mod.save_data_info(s.run_dir, s.dataset, s.indices, s.standardizer)
-        (s.run_dir / "metrics.jsonl").write_text("")
+        staging = make_temporary_dir(s.run_dir)
+        try:
+            (staging / "checkpoints").mkdir()
+            run_mod.write_config(staging, s.config)
+            run_mod.save_data_info(staging, s.dataset, s.indices, s.standardizer)
+            (staging / "metrics.jsonl").write_text("")
+            self.save("last", run_dir=staging)
+            os.replace(staging, s.run_dir)  # an empty --out directory is replaced too
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_dir(s.run_dir.parent)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         s = self.setup
@@ -427,10 +456,19 @@ class Trainer:
                 "dataset_size": len(s.indices["train"]), "has_positives": s.splits["train"].x_pos is not None,
                 "terms": s.objective.term_names}
 
-    def save(self, which: str) -> None:
-        run_mod.save_checkpoint(run_mod.checkpoint_path(self.setup.run_dir, which), model=self.model,
+    def save(self, which: str, run_dir: Path | None = None, progress: dict[str, Any] | None = None) -> None:
+        """Checkpoint `which` (best or last). With `progress` (an interrupted epoch), the
+        epoch's permutation, the steps done and its running sums go along, so that resuming
+        finishes the epoch exactly as an uninterrupted run would."""
+        state, extra = self._checkpoint_state(), None
+        if progress is not None:
+            state["partial_epoch"] = {"steps_done": progress["steps_done"], "terms": list(progress["term_sums"])}
+            extra = {"partial.perm": progress["perm"], "partial.loss_sum": progress["loss_sum"],
+                     "partial.first_bad": progress["first_bad"],
+                     **{f"partial.terms.{k}": v for k, v in progress["term_sums"].items()}}
+        run_mod.save_checkpoint(run_mod.checkpoint_path(run_dir or self.setup.run_dir, which), model=self.model,
                                 objective=self.objective, optimizer=self.optimizer,
-                                data_generator=self.data_order, state=self._checkpoint_state())
+                                data_generator=self.data_order, state=state, extra=extra)
 
     def _restore(self, path: Path) -> None:
         tensors, meta = run_mod.read_checkpoint(path)
@@ -442,14 +480,48 @@ class Trainer:
         run_mod.set_rng_state(tensors, meta["rng"], self.data_order)
         for key in self.state:
             self.state[key] = meta[key]
+        partial = meta.get("partial_epoch")
+        if partial:
+            self.partial = {"steps_done": partial["steps_done"], "perm": tensors["partial.perm"],
+                            "loss_sum": tensors["partial.loss_sum"], "first_bad": tensors["partial.first_bad"],
+                            "term_sums": {k: tensors[f"partial.terms.{k}"] for k in partial["terms"]}}
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop at the next step boundary, where
+        it saves an exact checkpoint; a second one stops at once (KeyboardInterrupt: the
+        checkpoints on disk stay whole, the last complete epoch is kept). Only the main
+        thread can install signal handlers; elsewhere Ctrl-C is a plain KeyboardInterrupt."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        from .io import remove_temporaries
+
         s, cfg = self.setup, self.setup.config["train"]
         if s.resume_from is not None:
             self._restore(s.resume_from)
+            for directory in (s.run_dir, s.run_dir / "checkpoints"):
+                remove_temporaries(directory)  # left by a process killed while writing
             _truncate_metrics(s.run_dir / "metrics.jsonl", self.state["epoch"])
-            run_mod.write_config(s.run_dir, s.config)  # records a changed max_epochs / patience
+            run_mod.write_config(s.run_dir, s.config)  # records a changed max_epochs, lr, ...
         else:
             self._create_run_dir()
         if s.config["output"]["tensorboard"]:
@@ -463,62 +535,96 @@ class Trainer:
                             steps_per_epoch=steps_per_epoch)
         session_steps, session_start = 0, time.perf_counter()
         try:
-            while self.state["epoch"] < cfg["max_epochs"] and self.state["bad_epochs"] < cfg["patience"]:
-                t0 = time.perf_counter()
-                record = self._epoch(x, x_pos, batch_size, steps_per_epoch)
-                session_steps += steps_per_epoch
-                self.state["train_seconds"] += time.perf_counter() - t0
-                record["seconds"] = round(self.state["train_seconds"], 3)
-                _append_line(s.run_dir / "metrics.jsonl", record)
-                # best before last: a kill between the two re-runs this epoch from the older
-                # last checkpoint and rewrites the same best.
-                if record["improved"]:
-                    self.save("best")
-                self.save("last")
-                if self.tb is not None:
-                    self._tensorboard(record)
-                self.reporter.epoch(record)
+            with self._stop_on_signals():
+                while self.state["epoch"] < cfg["max_epochs"] and self.state["bad_epochs"] < cfg["patience"]:
+                    if self.stop_signal is not None:
+                        raise TrainingInterrupted(s.run_dir, self.state["epoch"], 0, self.stop_signal)
+                    t0 = time.perf_counter()
+                    steps_before = self.partial["steps_done"] if self.partial else 0
+                    try:
+                        record = self._epoch(x, x_pos, batch_size, steps_per_epoch)
+                    except _StopRequested as stop:
+                        self.state["train_seconds"] += time.perf_counter() - t0
+                        self.save("last", progress=stop.progress)
+                        raise TrainingInterrupted(s.run_dir, self.state["epoch"], stop.progress["steps_done"],
+                                                  self.stop_signal) from None
+                    session_steps += steps_per_epoch - steps_before
+                    self.state["train_seconds"] += time.perf_counter() - t0
+                    record["seconds"] = round(self.state["train_seconds"], 3)
+                    _append_line(s.run_dir / "metrics.jsonl", record)
+                    # best before last: a kill between the two re-runs this epoch from the older
+                    # last checkpoint and rewrites the same best.
+                    if record["improved"]:
+                        self.save("best")
+                    self.save("last")
+                    if self.tb is not None:
+                        self._tensorboard(record)
+                    self.reporter.epoch(record)
         except KeyboardInterrupt:
-            self.reporter.stop()
             raise TrainingInterrupted(s.run_dir, self.state["epoch"]) from None
         finally:
+            self.reporter.stop()
             if self.tb is not None:
                 self.tb.close()
-        self.reporter.stop()
         session_seconds = time.perf_counter() - session_start
         return self._finish(session_steps, session_seconds)
 
     def _epoch(self, x: torch.Tensor, x_pos: torch.Tensor | None, batch_size: int, steps: int) -> dict[str, Any]:
+        from .io import crash_point
+
         s, cfg = self.setup, self.setup.config["train"]
         self.model.train()
         self.objective.train()
         dev = x.device
-        perm = torch.randperm(x.shape[0], generator=self.data_order).to(dev)
-        term_sums = {name: torch.zeros((), device=dev) for name in self.objective.term_names}
-        loss_sum = torch.zeros((), device=dev)
-        first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+        names = self.objective.term_names
+        if self.partial is not None:  # resumed from a checkpoint saved in the middle of this epoch
+            p, self.partial = self.partial, None
+            start, perm = p["steps_done"], p["perm"].to(dev)
+            loss_sum, first_bad = p["loss_sum"].to(dev), p["first_bad"].to(dev)
+            term_sums = {name: p["term_sums"][name].to(dev) for name in names}
+        else:
+            start, perm = 0, torch.randperm(x.shape[0], generator=self.data_order).to(dev)
+            term_sums = {name: torch.zeros((), device=dev) for name in names}
+            loss_sum = torch.zeros((), device=dev)
+            # The first step whose loss was not finite, and the first non-finite term there
+            # (len(names): the weighted sum overflowed although every term was finite).
+            first_bad = torch.full((2,), -1, dtype=torch.long, device=dev)
         dataset_size = self.objective.dataset_size
         params = self.optimizer.param_groups[0]["params"]
-        for i in range(steps):
+        epoch = self.state["epoch"] + 1
+        last_terms: dict[str, torch.Tensor] | None = None
+        for i in range(start, steps):
+            if self.stop_signal is not None:
+                self._check_finite(epoch, first_bad, i - 1, last_terms)  # never save a diverged state
+                raise _StopRequested({"steps_done": i, "perm": perm, "loss_sum": loss_sum,
+                                      "term_sums": term_sums, "first_bad": first_bad})
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            batch = self.model(x[idx], None if x_pos is None else x_pos[idx], dataset_size=dataset_size)
-            out = self.objective(batch)
+            try:
+                batch = self.model(x[idx], None if x_pos is None else x_pos[idx], dataset_size=dataset_size)
+                out = self.objective(batch)
+            except ValueError:
+                # torch.distributions refuses NaN/Inf parameters: the update of the previous
+                # step made the model non-finite. Anything else is a bug and is raised as is.
+                self._check_finite(epoch, first_bad, i - 1, last_terms)
+                raise
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if cfg["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
             self.optimizer.step()
             # Accumulated on the device; read once per epoch (no per-step synchronisation).
-            loss_sum += out.loss.detach()
+            loss = out.loss.detach()
+            loss_sum += loss
             for name, value in out.terms.items():
                 term_sums[name] += value
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out.loss.detach()),
-                                    torch.full_like(first_bad, i), first_bad)
+            nonfinite = ~torch.isfinite(torch.stack([out.terms[name].detach() for name in names] + [loss]))
+            new_bad = (first_bad[0] < 0) & nonfinite.any()
+            first_bad = torch.where(new_bad, torch.stack([torch.full_like(first_bad[0], i),
+                                                          nonfinite.long().argmax()]), first_bad)
+            last_terms = out.terms
             self.reporter.step()
-        epoch = self.state["epoch"] + 1
-        bad_step = int(first_bad)
-        if bad_step >= 0:
-            self._diverged(epoch, bad_step, {k: float(v) for k, v in term_sums.items()})
+            crash_point("step", "train")
+        self._check_finite(epoch, first_bad, steps - 1, last_terms)
         self.state["epoch"] = epoch
         self.state["step"] += steps
         val = validation_metrics(s, s.splits["val"], cfg["val_seed"])
@@ -535,14 +641,33 @@ class Trainer:
                 "val": val, "select_metric": self.select_metric, "improved": improved,
                 "best_value": self.state["best_value"], "best_epoch": self.state["best_epoch"]}
 
-    def _diverged(self, epoch: int, bad_step: int, term_sums: dict[str, float]) -> None:
-        bad_terms = [k for k, v in term_sums.items() if not math.isfinite(v)]
-        which = f"term '{bad_terms[0]}'" if bad_terms else "the loss"
-        step = self.state["step"] + bad_step + 1
-        raise TrainingDiverged(
-            f"Training diverged: {which} became NaN or Inf at step {step} (epoch {epoch}); the last good "
-            f"checkpoint (epoch {self.state['epoch']}) is kept. Resume with a lower learning rate or gradient "
-            f"clipping: elbokit train --resume {self.setup.run_dir} --lr {self.setup.config['train']['lr'] / 10:g} --grad-clip 1.0")
+    def _check_finite(self, epoch: int, first_bad: torch.Tensor, last_step: int,
+                      last_terms: dict[str, torch.Tensor] | None) -> None:
+        """Raise TrainingDiverged if a loss of this epoch, or the parameters after the update
+        of step `last_step` (index in the epoch), are NaN or Inf. One synchronisation."""
+        bad_step, bad_index = (int(v) for v in first_bad)
+        names = self.objective.term_names
+        if bad_step >= 0:
+            what = f"term '{names[bad_index]}'" if bad_index < len(names) else "the weighted loss"
+            raise self._diverged(f"{what} became NaN or Inf at step {self.state['step'] + bad_step + 1}", epoch)
+        params = self.optimizer.param_groups[0]["params"]
+        if all(bool(torch.isfinite(p).all()) for p in params):
+            return
+        where = f"in the update of step {self.state['step'] + last_step + 1}" if last_step >= 0 else "before this epoch"
+        cause = ""
+        if last_terms:
+            name, value = max(last_terms.items(), key=lambda kv: abs(float(kv[1])))
+            cause = f", where the largest term was '{name}' = {float(value):.3g}"
+        raise self._diverged(f"the parameters became NaN or Inf {where}{cause} (a gradient overflowed)", epoch)
+
+    def _diverged(self, what: str, epoch: int) -> TrainingDiverged:
+        cfg = self.setup.config["train"]
+        clip = 1.0 if not 0 < cfg["grad_clip"] <= 1.0 else cfg["grad_clip"] / 10
+        kept = self.state["epoch"]
+        return TrainingDiverged(
+            f"Training diverged: {what} (epoch {epoch}); the last good checkpoint (epoch {kept}"
+            f"{': the initial state' if kept == 0 else ''}) is kept. Resume with a lower learning rate or "
+            f"gradient clipping: elbokit train --resume {self.setup.run_dir} --lr {cfg['lr'] / 10:g} --grad-clip {clip:g}")
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
         step = record["epoch"]

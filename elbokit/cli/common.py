@@ -10,6 +10,8 @@ from typing import Any, Callable, NoReturn
 import typer
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # training stopped on a NaN/Inf loss: not bad input, the run is kept and resumable
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -29,8 +31,11 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except ElbokitError as exc:
             fail(str(exc))
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            fail(f"{exc.strerror or exc}: {exc.filename}" if getattr(exc, "filename", None) else str(exc))
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            # A path elbokit was given (or derived from one) that cannot be used as such.
+            if getattr(exc, "filename", None):
+                fail(f"{exc.strerror or exc}: {exc.filename}; check the path and its permissions.")
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     return wrapper
 

@@ -35,6 +35,11 @@ def generate(
         raise ElbokitError(f"--out must end in .npz, got {out}.")
     if out.exists() and not force:
         raise ElbokitError(f"{out} already exists; give another --out or --force to overwrite it.")
+    if out.is_dir():
+        raise ElbokitError(f"{out} is a directory; give --out a file name ending in .npz.")
+    from elbokit.io import check_can_create
+
+    check_can_create(out, "the data file", "give --out a path in a writable directory")
     ds = make(kind, n=n, data_dim=data_dim, latent_dim=latent_dim, noise_std=noise_std, radius=radius, seed=seed)
     save_npz(ds, out)
     info = {"out": str(out), "kind": kind, "n": n, "data_dim": data_dim, "latent_dim": latent_dim,

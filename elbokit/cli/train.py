@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from .common import EXIT_BAD_INPUT, handle_errors, print_json
+from .common import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, fail, handle_errors, print_json
 
 RESUME_HINT = "elbokit train --resume {run_dir}"
 
@@ -115,7 +115,7 @@ def train(
 ) -> None:
     """Train a VAE on an objective composed of terms, e.g. --terms recon,infonce,entropy,xent --prior gmm."""
     from elbokit import config as config_mod
-    from elbokit.train import TrainingInterrupted
+    from elbokit.train import TrainingDiverged, TrainingInterrupted
     from elbokit.train import train as run_training
 
     o: dict[str, Any] = {}
@@ -159,9 +159,18 @@ def train(
         summary = run_training(cfg, resume=resume, reporter=reporter)
     except TrainingInterrupted as exc:
         reporter.stop()
-        print(f"Interrupted: epochs 1-{exc.epoch} are saved in {exc.run_dir}; resume with: "
+        if exc.step_in_epoch:
+            saved = f"saved at step {exc.step_in_epoch} of epoch {exc.epoch + 1} (resuming finishes that epoch exactly)"
+        elif exc.epoch:
+            saved = f"saved after epoch {exc.epoch}"
+        else:
+            saved = "saved before its first epoch"
+        print(f"Interrupted: the run is {saved} in {exc.run_dir}; resume with: "
               + RESUME_HINT.format(run_dir=exc.run_dir), file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + exc.signum if exc.signum else EXIT_INTERRUPTED) from None
+    except TrainingDiverged as exc:
+        reporter.stop()
+        fail(str(exc), EXIT_DIVERGED)
     except BaseException:
         reporter.stop()
         raise
@@ -178,4 +187,4 @@ def register(app: typer.Typer) -> None:
     app.command(name="train")(handle_errors(train))
 
 
-__all__ = ["register", "train", "EXIT_BAD_INPUT"]
+__all__ = ["register", "train", "EXIT_BAD_INPUT", "EXIT_DIVERGED"]

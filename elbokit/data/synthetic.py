@@ -60,7 +60,7 @@ def _check_positive(name: str, value, kind=int, allow_zero: bool = False) -> Non
     if ok:
         ok = value >= 0 if allow_zero else value > 0
     if not ok or not np.isfinite(float(value)):
-        what = "a positive integer" if kind is int else ("a non-negative number" if allow_zero else "a positive number")
+        what = ("a non-negative integer" if allow_zero else "a positive integer") if kind is int else ("a non-negative number" if allow_zero else "a positive number")
         raise ElbokitError(f"{name} must be {what}, got {value!r}.")
 
 
@@ -77,6 +77,7 @@ def generate(kind: str, n: int = DEFAULTS["n"], data_dim: int = DEFAULTS["data_d
     _check_positive("latent_dim", latent_dim)
     _check_positive("noise_std", noise_std, float, allow_zero=True)
     _check_positive("radius", radius, float, allow_zero=True)
+    _check_positive("seed", seed, int, allow_zero=True)
     n, data_dim, latent_dim, seed = int(n), int(data_dim), int(latent_dim), int(seed)
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((latent_dim, data_dim))

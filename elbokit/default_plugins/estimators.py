@@ -27,6 +27,13 @@ def _require_dataset_size(batch: Batch, who: str) -> int:
     return batch.dataset_size
 
 
+def _chunk(chunk: int) -> int:
+    """The rows per block of a pairwise log-density; checked when the estimator is built."""
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be a positive integer (rows per block, e.g. 256), got {chunk}")
+    return int(chunk)
+
+
 def _has_analytic_kl(posterior: type, prior_dist: D.Distribution | None) -> bool:
     if prior_dist is None:
         return False
@@ -105,7 +112,7 @@ class EntropyMWS(Estimator):
 
     def __init__(self, chunk: int = 256):
         super().__init__()
-        self.chunk = int(chunk)
+        self.chunk = _chunk(chunk)
 
     def log_aggregate(self, batch: Batch, log_q_own: torch.Tensor | None = None) -> torch.Tensor:
         """log q^(z_i), (B,). `log_q_own` is log q(z_i|x_i) if the caller already has it."""
@@ -128,7 +135,7 @@ class EntropyMSS(Estimator):
 
     def __init__(self, chunk: int = 256):
         super().__init__()
-        self.chunk = int(chunk)
+        self.chunk = _chunk(chunk)
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         n = _require_dataset_size(batch, "mss")
@@ -287,7 +294,7 @@ class InfoNCE(Estimator):
             raise unknown_name("InfoNCE critic", critic, CRITICS)
         if not float(temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.critic, self.temperature, self.chunk = critic, float(temperature), int(chunk)
+        self.critic, self.temperature, self.chunk = critic, float(temperature), _chunk(chunk)
         self.needs = frozenset() if critic == "encoder" else frozenset({"positives"})
 
     def scores(self, batch: Batch) -> torch.Tensor:
