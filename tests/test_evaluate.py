@@ -321,6 +321,25 @@ def test_report_is_json(trained_report):
     assert again["iw_samples"] == 100 and set(again["bounds"]) >= {"elbo", "iwae", "exact_loglik", "paper_elbo"}
 
 
+def test_generated_file_keeps_its_exact_loglik(tmp_path):
+    from elbokit.data import load_dataset, save_npz
+    from elbokit.data.synthetic import generate
+    from elbokit.evaluate import evaluate_model
+
+    for kind, has_exact in (("gaussian", True), ("mixture", False)):
+        data = generate(kind, n=100, seed=2)
+        save_npz(data, tmp_path / f"{kind}.npz")
+        loaded = load_dataset(str(tmp_path / f"{kind}.npz"))
+        model = LinearGaussianVAE(loaded.meta["W"], loaded.meta["noise_std"])
+        r = evaluate_model(model, elbokit.make_prior("standard-normal", dim=5), model.likelihood,
+                           torch.as_tensor(loaded.x, dtype=torch.float32), meta=loaded.meta, iw_samples=3)
+        assert (r["exact_loglik"] is not None) == has_exact
+        if has_exact:  # the true model with its exact posterior: IWAE = log p(x)
+            assert r["iwae"] == pytest.approx(r["exact_loglik"], abs=1e-3)
+        else:  # W and noise_std alone do not make the latents N(0, I)
+            assert "generator" in r["unavailable"]["exact_loglik"]
+
+
 # ---------------------------------------------------------------- the command line
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

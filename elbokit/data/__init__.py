@@ -177,7 +177,9 @@ def save_npz(dataset: Dataset, path: str | Path) -> None:
     if dataset.z is not None:
         arrays["z"] = dataset.z
     for key, value in dataset.meta.items():
-        if isinstance(value, (int, float, np.ndarray, np.generic)) and not isinstance(value, bool):
+        # `generator` too: with W and noise_std it lets `elbokit evaluate` compute the exact
+        # log-likelihood of a file (a unicode array, loadable without pickle).
+        if (isinstance(value, (int, float, np.ndarray, np.generic)) and not isinstance(value, bool)) or key == "generator":
             arrays[key] = np.asarray(value)
     with atomic_write(path, "wb") as fh:
         np.savez(fh, **arrays)

@@ -60,7 +60,7 @@ def _load_npz(path: Path) -> Dataset:
         x_pos = archive["x_pos"] if "x_pos" in keys else None
         z = archive["z"] if "z" in keys else None
         meta = {}
-        for key in ("W", "noise_std", "radius"):
+        for key in ("W", "noise_std", "radius", "generator"):
             if key in keys:
                 value = archive[key]
                 meta[key] = value.item() if value.ndim == 0 else value
