@@ -354,12 +354,23 @@ def _truncate_metrics(path: Path, upto_epoch: int) -> None:
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one epoch's record. A process killed while writing leaves a last line without
+    its newline, which `run.read_metrics` skips and a resumed run rewrites."""
     import os
 
+    from .io import CRASH_ENV, crash_point
+
+    line = json.dumps(record) + "\n"
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+        if os.environ.get(CRASH_ENV):  # test-only: stop with half a line written
+            fh.write(line[:len(line) // 2])
+            fh.flush()
+            crash_point("mid-line", path.name)
+            line = line[len(line) // 2:]
+        fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
+    crash_point("after-line", path.name)
 
 
 def train(config: dict[str, Any] | None = None, *, resume: str | Path | None = None,
