@@ -1,4 +1,4 @@
-"""`elbokit train` end to end on tiny data: presets and priors, determinism, resume, bad input."""
+"""`elbokit train` end to end on tiny data: presets and priors, determinism, resume, refusals."""
 
 from __future__ import annotations
 
@@ -155,69 +155,7 @@ def test_plot_of_non_image_data_and_of_a_non_run(tmp_path, run_cli):
 
 
 # -- bad input: one line, exit code 2, no run directory ----------------------------------
-def _write_inputs(tmp_path):
-    x = np.random.default_rng(0).normal(size=(40, 4))
-    np.savez(tmp_path / "nox.npz", data=x)
-    np.savez(tmp_path / "xpos.npz", x=x, x_pos=x[:, :3])
-    bad = x.copy()
-    bad[17, 1] = np.nan
-    np.save(tmp_path / "nan.npy", bad)
-    bad = x.copy()
-    bad[5, 0] = np.inf
-    np.save(tmp_path / "inf.npy", bad)
-    np.save(tmp_path / "empty.npy", np.zeros((0, 4)))
-    np.save(tmp_path / "plain.npy", x)
-    (tmp_path / "garbage.npy").write_bytes(b"\x80\x04not a numpy file")
-    (tmp_path / "unknown.toml").write_text("[train]\nlearning_rate = 0.1\n")
-    (tmp_path / "badsection.toml").write_text("[optim]\nlr = 0.1\n")
-    (tmp_path / "broken.toml").write_text("[train\nlr = \n")
-    np.save(tmp_path / "prior3.npy", np.zeros((50, 3)))
-
-
-BAD_INPUT = [
-    (["--data", "{tmp}/missing.npz"], "not found"),
-    (["--data", "{tmp}/garbage.npy"], "Cannot read"),
-    (["--data", "{tmp}/nox.npz"], "no array named 'x'"),
-    (["--data", "{tmp}/xpos.npz"], "x_pos has shape (40, 3)"),
-    (["--data", "{tmp}/nan.npy"], "row 17"),
-    (["--data", "{tmp}/inf.npy"], "row 5"),
-    (["--data", "{tmp}/empty.npy"], "empty"),
-    (["--data", "nosuchdataset"], "Unknown dataset"),
-    (["--batch-size", "0"], "train.batch_size (--batch-size) must be a positive integer"),
-    (["--latent-dim", "-2"], "model.latent_dim"),
-    (["--hidden", "16,0"], "got 0 at position 2"),
-    (["--n", "0"], "data.n (--n)"),
-    (["--lr", "0"], "train.lr (--lr) must be a positive number"),
-    (["--lr", "-0.001"], "train.lr"),
-    (["--max-epochs", "0"], "train.max_epochs"),
-    (["--prior", "gmm", "--data", "{tmp}/plain.npy", "--terms", "classic"], "--prior-samples"),
-    (["--prior", "gmm", "--prior-samples", "{tmp}/prior3.npy"], "dimension 3"),
-    (["--prior", "nosuch"], "Unknown prior"),
-    (["--config", "{tmp}/unknown.toml"], "Unknown config key 'train.learning_rate'"),
-    (["--config", "{tmp}/badsection.toml"], "Unknown config section [optim]"),
-    (["--config", "{tmp}/broken.toml"], "not valid TOML"),
-    (["--config", "{tmp}/nosuch.toml"], "Config file not found"),
-    (["--data", "{tmp}/plain.npy", "--terms", "ed"], "needs positive pairs"),
-    (["--terms", "recon,,kl"], "--terms"),
-    (["--option", "infonce.critic=cosine"], "not among the terms"),
-    (["--select", "best"], "train.select"),
-    (["--n", "2"], "too few"),
-    (["--resume", "{tmp}/nosuchrun"], "Run directory not found"),
-]
-
-
-@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
-def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, run_cli, args, message):
-    _write_inputs(tmp_path)
-    out = tmp_path / "run"
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    # The defaults come first so that the case's own option (given last) wins.
-    res = run_cli("train", "--hidden", "8", "--max-epochs", "1", "--no-evaluate", "-q", "--out", out, *argv)
-    assert res.exit_code == 2, (res.stdout, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
-    assert message in lines[0]
-    assert not out.exists()
+# The table of bad inputs for every command (train's included) is tests/test_bad_input.py.
 
 
 def test_existing_run_dir_is_never_overwritten(tmp_path, run_cli):
