@@ -60,6 +60,7 @@ def write_inputs(tmp: Path) -> None:
     (tmp / "unknown.toml").write_text("[train]\nlearning_rate = 0.1\n")
     (tmp / "badsection.toml").write_text("[optim]\nlr = 0.1\n")
     (tmp / "broken.toml").write_text("[train\nlr = \n")
+    (tmp / "words.toml").write_text('[train]\nlr = "fast"\n')
     (tmp / "afile").write_text("a file, not a directory")
     (tmp / "exists.npz").write_bytes(b"someone's data")
     (tmp / "notarun").mkdir()
@@ -133,6 +134,8 @@ CASES = [
     Case("unknown-option", ["terms", "--bogus"], "No such option"),
     Case("close-option", ["plugins", "--al"], "No such option", "Possible options: --all"),
     Case("extra-argument", ["priors", "extra"], "Got unexpected extra argument"),
+    Case("close-json-option", ["estimators", "--jsn"], "No such option", "Possible options: --json"),
+    Case("data-list-extra-argument", ["data", "list", "extra"], "Got unexpected extra argument"),
     Case("unknown-command", ["nosuchcommand"], "No such command"),
     Case("not-a-number", [*TRAIN, "--lr", "fast"], "Invalid value for", "'--lr'"),
     Case("missing-option", ["data", "generate", "gaussian"], "Missing option", "'--out'"),
@@ -188,6 +191,7 @@ CASES = [
     Case("config-unknown-key", [*TRAIN, "--config", "{tmp}/unknown.toml"], "Unknown config key", "'train.learning_rate'"),
     Case("config-unknown-section", [*TRAIN, "--config", "{tmp}/badsection.toml"], "Unknown config section", "[optim]"),
     Case("config-missing", [*TRAIN, "--config", "{tmp}/nosuch.toml"], "Config file not found"),
+    Case("config-wrong-type", [*TRAIN, "--config", "{tmp}/words.toml"], "must be a positive number", "got 'fast'"),
     Case("out-under-a-file", [*TRAIN, "--out", "{tmp}/afile/run"], "is a file, not a directory"),
     Case("out-read-only", [*TRAIN, "--out", "{tmp}/ro/run"], "is not writable", prepare=read_only("ro"), skip=ROOT_SKIP),
     Case("out-exists", [*TRAIN, "--out", "{tmp}/run"], "already exists", "--resume"),
@@ -202,6 +206,8 @@ CASES = [
          "does not match this run's config.toml", prepare=other_architecture("last")),
     Case("resume-pickle", ["train", "--resume", "{tmp}/run", "--max-epochs", "3"], "is not a readable elbokit checkpoint",
          prepare=pickle_as("run/checkpoints/last.safetensors")),
+    Case("resume-without-checkpoint", ["train", "--resume", "{tmp}/run"], "has no checkpoint to resume from",
+         prepare=lambda tmp: (tmp / "run" / "checkpoints" / "last.safetensors").unlink()),
     Case("resume-changed-key", ["train", "--resume", "{tmp}/run", "--latent-dim", "3"], "cannot change when resuming"),
     Case("resume-with-config", ["train", "--resume", "{tmp}/run", "--config", "{tmp}/unknown.toml"],
          "--config cannot be combined with --resume"),
@@ -232,6 +238,7 @@ CASES = [
          prepare=other_architecture("best")),
     Case("plot-pickle", ["plot", "{tmp}/run"], "is not a readable elbokit checkpoint",
          prepare=pickle_as("run/checkpoints/best.safetensors")),
+    Case("plot-no-metrics", ["plot", "{tmp}/run"], "has no metrics yet", prepare=write("run/metrics.jsonl", "")),
     Case("plot-unknown-split", ["plot", "{tmp}/run", "--split", "nope"], "Unknown split"),
     Case("plot-dir-is-a-file", ["plot", "{tmp}/run"], "is a file, not a directory", prepare=write("run/plots", "in the way")),
     # -- data generate -----------------------------------------------------------------
