@@ -29,6 +29,7 @@ _crash_counts: dict[tuple[str, str], int] = {}
 
 
 def crash_point(point: str, name: str) -> None:
+    """Test-only: signal this process here if ELBOKIT_TEST_CRASH_AT asks for it (see above)."""
     spec = os.environ.get(CRASH_ENV)
     if not spec:
         return

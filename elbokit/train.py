@@ -655,7 +655,8 @@ class Trainer:
     def _check_finite(self, epoch: int, first_bad: torch.Tensor, last_step: int,
                       last_terms: dict[str, torch.Tensor] | None) -> None:
         """Raise TrainingDiverged if a loss of this epoch, or the parameters after the update
-        of step `last_step` (index in the epoch), are NaN or Inf. One synchronisation."""
+        of step `last_step` (index in the epoch), are NaN or Inf. Called once per epoch (and
+        on the way out of one): it reads the device, which the steps themselves never do."""
         bad_step, bad_index = (int(v) for v in first_bad)
         names = self.objective.term_names
         if bad_step >= 0:
