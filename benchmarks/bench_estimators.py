@@ -16,8 +16,11 @@ inputs, 2 threads. Methods:
 - chunked:  `elbokit.ops.logsumexp_gaussian_mixture`, rows in chunks of 256 with activation
             checkpointing (what the estimators call).
 
-Time: median of repeated runs (at least 3 and at least 1 s in total) after one warm-up run,
-all methods in the same process, so the ratios compare like with like.
+Time: after one warm-up run each, the methods are timed in interleaved rounds (one run of
+each per round, at least 5 rounds and 2 s in all) in the same process, and the median is
+reported, so that a change in the machine's load affects all methods alike and the ratios
+compare like with like. "max abs diff" is the largest difference of out from the naive float32
+result (the naive float32 result is itself off by ~1e-6 from float64).
 
 Memory, two numbers, both from PyTorch itself (tracemalloc does not see torch's CPU allocator):
 - peak: the largest number of bytes held by torch's CPU allocator during forward+backward,
@@ -88,14 +91,20 @@ def run_once(fn, leaves) -> torch.Tensor:
     return out.detach()
 
 
-def time_ms(fn, leaves, min_total: float = 1.0, min_runs: int = 3) -> float:
-    run_once(fn, leaves)  # warm-up
-    times: list[float] = []
-    while len(times) < min_runs or sum(times) < min_total:
-        start = time.perf_counter()
-        run_once(fn, leaves)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def time_ms(fns: dict, leaves, min_rounds: int = 5, min_total: float = 2.0) -> dict[str, float]:
+    """Median time of each method, timed in interleaved rounds (one run of every method per
+    round) so that a change in the machine's load hits all methods alike."""
+    for fn in fns.values():
+        run_once(fn, leaves)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    rounds = 0
+    while rounds < min_rounds or sum(map(sum, times.values())) < min_total:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            run_once(fn, leaves)
+            times[name].append(time.perf_counter() - start)
+        rounds += 1
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def peak_bytes(fn, leaves) -> int:
@@ -162,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.sizes:
             leaves = inputs(m, dim)
             reference = run_once(naive, leaves).double()
-            base_ms = None
+            timings = time_ms({name: METHODS[name] for name in args.methods}, leaves)
+            base_ms = timings.get("naive")
             for name in args.methods:
                 fn = METHODS[name]
                 out = run_once(fn, leaves).double()
                 diff = (out - reference).abs().max().item()
-                ms = time_ms(fn, leaves)
-                base_ms = ms if name == "naive" else base_ms
+                ms = timings[name]
                 ratio = f"{base_ms / ms:.2f}x" if base_ms else "n/a"
                 peak = peak_bytes(fn, leaves) / 2**20
                 saved = saved_bytes(fn, leaves) / 2**20
