@@ -31,8 +31,8 @@ def parse_terms(spec: str | Sequence[str]) -> list[tuple[str, float]]:
     """Parse `--terms`: a preset (`classic`, `ed`) or comma-separated `name[:weight]` items,
     e.g. `recon,kl:0.5`. Returns [(name, weight)]. Raises ElbokitError on bad syntax."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    if isinstance(spec, str) and spec.strip() in PRESETS:
-        items = PRESETS[spec.strip()].split(",")
+    if len(items) == 1 and str(items[0]).strip() in PRESETS:
+        items = PRESETS[str(items[0]).strip()].split(",")
     parsed: list[tuple[str, float]] = []
     if not items or all(not str(i).strip() for i in items):
         raise ElbokitError("--terms is empty: give a preset (classic, ed) or names like recon,kl.")
@@ -203,8 +203,11 @@ def _finite_weight(name: str, value: Any) -> float:
 def make_term(term_cls: type[ElboTerm], opts: Mapping[str, Any], registry: Any) -> ElboTerm:
     """Instantiate a term and its estimator, routing options (see `build_objective`)."""
     opts = dict(opts)
-    term_params = _accepted(term_cls)
+    # A term that builds its own estimators (e.g. marginal-kl) takes `registry`: not a user option.
+    term_params = _accepted(term_cls) - {"registry"}
     term_kwargs = {k: opts.pop(k) for k in list(opts) if k in term_params and k != "estimator"}
+    if "registry" in _accepted(term_cls):
+        term_kwargs["registry"] = registry
     estimator = None
     if term_cls.quantity is not None:
         est_name = opts.pop("estimator", None) or term_cls.default_estimator

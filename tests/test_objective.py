@@ -203,3 +203,37 @@ def test_a_negative_weight_flips_a_terms_gradient(fresh_registry, standard_norma
         return z_pos.grad
 
     torch.testing.assert_close(grad(-1.0), -grad(1.0))
+
+
+def test_a_preset_given_as_a_one_item_list_expands():
+    from elbokit.objective import parse_terms
+
+    assert parse_terms(["ed"]) == parse_terms("ed") == parse_terms("recon,infonce,entropy,xent")
+
+
+def test_marginal_kl_takes_its_estimators_from_the_registry_it_is_built_with(standard_normal):
+    from elbokit.plugins import Registry, set_registry
+    from elbokit.estimators import Estimator
+    from elbokit.hookspecs import hookimpl
+
+    class ConstantEntropy(Estimator):
+        """A registered-only-here entropy estimator."""
+
+        quantity, name = "entropy", "constant-for-test"
+
+        def forward(self, batch, prior):
+            return batch.z.new_full((batch.size,), 7.0)
+
+    class Plugin:
+        @hookimpl
+        def register_estimators(self, register):
+            register(ConstantEntropy)
+
+    local = Registry.build([Plugin()], load_entry_points=False, strict=True)
+    set_registry(Registry.build(load_entry_points=False, strict=True))  # the global one lacks it
+    try:
+        objective = build_objective("marginal-kl", standard_normal, registry=local,
+                                    options={"marginal-kl": {"entropy_estimator": "constant-for-test"}})
+    finally:
+        set_registry(None)
+    assert isinstance(objective.terms["marginal-kl"].entropy, ConstantEntropy)

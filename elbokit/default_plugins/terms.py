@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from elbokit.batch import Batch
@@ -66,11 +68,11 @@ class MarginalKL(ElboTerm):
 
     name = "marginal-kl"
 
-    def __init__(self, entropy_estimator: str = "mws", xent_estimator: str = "auto"):
+    def __init__(self, entropy_estimator: str = "mws", xent_estimator: str = "auto", registry: Any = None):
         super().__init__()
         from elbokit.plugins import get_registry
 
-        registry = get_registry()
+        registry = registry or get_registry()
         self.entropy = registry.estimator("entropy", entropy_estimator)()
         self.cross_entropy = registry.estimator("cross_entropy", xent_estimator)()
 
