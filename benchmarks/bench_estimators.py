@@ -69,7 +69,7 @@ def matmul32(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.T
 
 
 def chunked(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return logsumexp_gaussian_mixture(z, loc, scale, chunk=256)
+    return logsumexp_gaussian_mixture(z, loc, scale, chunk=256, max_unchunked=0)
 
 
 METHODS = {"naive": naive, "matmul": matmul, "matmul32": matmul32, "chunked": chunked}

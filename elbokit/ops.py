@@ -1,6 +1,6 @@
 """Numerical building blocks shared by estimators: pairwise Gaussian log-densities and
-row-wise log-sum-exp over them, computed by matrix products and in row chunks so that memory
-stays linear in the batch size (no (M, M, L) tensor, and no (M, M) tensor kept for backward)."""
+row-wise log-sum-exp over them, computed by matrix products (no (M, M, L) tensor) and, for large
+batches, in checkpointed row chunks so that memory stays linear in the batch size."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 LOG_2PI = math.log(2 * math.pi)
 DEFAULT_CHUNK = 256
+MAX_UNCHUNKED_PAIRS = 2**21
 
 
 def pairwise_gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -33,14 +34,13 @@ def pairwise_gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, scale: tor
     scale = scale.to(compute)
     precision = scale.pow(-2)  # (M, L)
     loc_precision = loc * precision
-    # One product [z^2, z] @ [precision, -2 loc precision]^T plus the per-column constant,
-    # so that few (R, M) passes are made.
-    quad = torch.addmm((loc * loc_precision).sum(-1)[None], torch.cat([z * z, z], 1),
-                       torch.cat([precision, -2.0 * loc_precision], 1).T)  # (R, M)
-    # Rounding can leave a tiny negative quadratic form where z_i sits on loc_j.
-    quad = quad.clamp_min(0.0)
-    half_const = scale.log().sum(-1) + 0.5 * loc.shape[-1] * LOG_2PI  # (M,)
-    return torch.add(-half_const, quad, alpha=-0.5).to(out_dtype)
+    # The whole of S in one product: [z^2, z, 1] @ [-p/2, loc p, c]^T with the per-column
+    # constant c = -(loc^2 p)/2 - sum log scale - (L/2) log 2 pi folded in as a last column,
+    # so that no extra (R, M) passes are made.
+    column_const = -0.5 * (loc * loc_precision).sum(-1) - scale.log().sum(-1) - 0.5 * loc.shape[-1] * LOG_2PI
+    left = torch.cat([z * z, z, torch.ones_like(z[:, :1])], 1)  # (R, 2L + 1)
+    right = torch.cat([-0.5 * precision, loc_precision, column_const[:, None]], 1)  # (M, 2L + 1)
+    return (left @ right.T).to(out_dtype)
 
 
 def _lse_rows(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, log_w: torch.Tensor | None,
@@ -62,11 +62,14 @@ def logsumexp_gaussian_mixture(
     log_weights: torch.Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
     diagonal: torch.Tensor | None = None,
+    max_unchunked: int = MAX_UNCHUNKED_PAIRS,
 ) -> torch.Tensor:
     """out[i] = logsumexp_j (log_weights[i, j] + log N(z_i; loc_j, scale_j^2)), shape (R,).
 
-    Rows are processed `chunk` at a time; under autograd each chunk is recomputed in backward
-    (activation checkpointing) so that only (chunk, M) values live at once.
+    Up to `max_unchunked` pairs (R * M; the default 2^21 is 16 MB of float64, a batch of about
+    1450) S is formed at once: that is faster, and small. Beyond it, rows are processed `chunk`
+    at a time and, under autograd, each chunk is recomputed in backward (activation
+    checkpointing) so that only (chunk, M) values live at once: memory linear in M.
 
     `diagonal` (R,), for the square case where z_i was drawn from component i (R == M): the
     value to use for log N(z_i; loc_i, scale_i^2), typically `posterior.log_prob(z)`. The same
@@ -78,6 +81,8 @@ def logsumexp_gaussian_mixture(
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if diagonal is not None and (z.shape[0] != loc.shape[0] or diagonal.shape != z.shape[:1]):
         raise ValueError("diagonal= needs as many rows in z as components, and one value per row")
+    if z.shape[0] * loc.shape[0] <= max_unchunked:
+        chunk = max(z.shape[0], 1)
     outs = []
     for start in range(0, z.shape[0], chunk):
         stop = start + chunk
@@ -85,7 +90,7 @@ def logsumexp_gaussian_mixture(
         dg = None if diagonal is None else diagonal[start:stop]
         zc = z[start:stop]
         needs_grad = any(t is not None and t.requires_grad for t in (zc, loc, scale, dg))
-        if torch.is_grad_enabled() and needs_grad:
+        if torch.is_grad_enabled() and needs_grad and chunk < z.shape[0]:
             outs.append(checkpoint(_lse_rows, zc, loc, scale, lw, dg, start, use_reentrant=False))
         else:
             outs.append(_lse_rows(zc, loc, scale, lw, dg, start))

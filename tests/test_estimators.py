@@ -100,12 +100,12 @@ def test_chunked_logsumexp_equals_naive_with_gradients(m, chunk, weighted):
         return torch.logsumexp(s if log_w is None else s + log_w, dim=1)
 
     out_naive, g_naive = grads(naive)
-    out_chunk, g_chunk = grads(lambda zz, ll, ss: logsumexp_gaussian_mixture(zz, ll, ss, log_w, chunk=chunk))
+    out_chunk, g_chunk = grads(lambda zz, ll, ss: logsumexp_gaussian_mixture(zz, ll, ss, log_w, chunk=chunk, max_unchunked=0))
     torch.testing.assert_close(out_chunk, out_naive, rtol=1e-10, atol=1e-10)
     for a, b in zip(g_chunk, g_naive):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     with torch.no_grad():
-        no_grad = logsumexp_gaussian_mixture(z, loc, scale, log_w, chunk=chunk)
+        no_grad = logsumexp_gaussian_mixture(z, loc, scale, log_w, chunk=chunk, max_unchunked=0)
     torch.testing.assert_close(no_grad, out_naive, rtol=1e-10, atol=1e-10)
 
 
@@ -118,7 +118,7 @@ def test_chunked_logsumexp_diagonal_override(chunk):
     s = naive_pairwise(z, loc, scale) + log_w
     s_replaced = s.clone()
     s_replaced[torch.arange(70), torch.arange(70)] = diag.detach() + log_w.diagonal()
-    out = logsumexp_gaussian_mixture(z, loc, scale, log_w, chunk=chunk, diagonal=diag)
+    out = logsumexp_gaussian_mixture(z, loc, scale, log_w, chunk=chunk, diagonal=diag, max_unchunked=0)
     torch.testing.assert_close(out.detach(), torch.logsumexp(s_replaced, dim=1), rtol=1e-12, atol=1e-12)
     out.sum().backward()
     expected = torch.softmax(s_replaced, dim=1).diagonal()  # d lse_i / d S_ii
@@ -494,3 +494,20 @@ def test_infonce_dot_critic_is_the_papers_score(fresh_registry):
     s = np.asarray(z) @ np.asarray(zp).T
     expected = np.log(16) + np.diag(s) - np.log(np.exp(s).sum(1))
     np.testing.assert_allclose(value.numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_small_batches_are_computed_whole_and_large_ones_in_chunks_with_equal_results():
+    # The two paths of logsumexp_gaussian_mixture agree (values and gradients).
+    z, loc, scale, log_w = _lse_inputs(64, 3, seed=5)
+
+    def run(max_unchunked):
+        leaves = [t.detach().clone().requires_grad_() for t in (z, loc, scale)]
+        out = logsumexp_gaussian_mixture(*leaves, log_w, chunk=10, max_unchunked=max_unchunked)
+        out.sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    whole, g_whole = run(64 * 64)
+    chunked, g_chunked = run(0)
+    torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_whole, g_chunked):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
