@@ -187,6 +187,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "threads": Key(1, non_negative_int, "CPU threads for torch (0: torch's default, all cores); 1 keeps the numbers independent of the machine's core count and is the fastest for the paper's small MLP when other jobs share the cores", "--threads"),
         "val_seed": Key(1234, any_int, "seed of the Monte-Carlo draws of the validation metric, so it is deterministic", None),
         "evaluate": Key(True, boolean, "evaluate the best checkpoint on the test split at the end (when elbokit.evaluate is installed)", "--evaluate/--no-evaluate"),
+        "checkpoint_seconds": Key(10.0, non_negative_float, "write checkpoints at most this often during training (0: after every epoch); always at the end, on Ctrl-C/SIGTERM and before a divergence stops the run. A SIGKILL loses at most this much training, which a resume replays exactly", "--checkpoint-seconds"),
     },
     "output": {
         "out": Key(None, optional_string, "run directory (default runs/<date-time>)", "--out"),

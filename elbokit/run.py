@@ -151,11 +151,16 @@ def _check_crc32(tensors: dict[str, Any], meta: dict[str, Any], path: Path) -> N
                            "restore it from a copy, or use the run's other checkpoint (best or last).")
 
 
-def save_checkpoint(path: str | Path, *, model: Any, objective: Any, optimizer: Any,
-                    data_generator: torch.Generator, state: dict[str, Any],
-                    extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Write one checkpoint file atomically (see the module docstring for its contents).
-    `extra`: more tensors, e.g. the position in an interrupted epoch (`partial.*`)."""
+def save_checkpoint(path: str | Path, **parts: Any) -> None:
+    """Write one checkpoint file atomically (see the module docstring for its contents);
+    `parts` as for `checkpoint_bytes`."""
+    write_bytes(path, checkpoint_bytes(**parts))
+
+
+def checkpoint_bytes(*, model: Any, objective: Any, optimizer: Any, data_generator: torch.Generator,
+                     state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> bytes:
+    """One checkpoint as safetensors bytes. `extra`: more tensors, e.g. the position in an
+    interrupted epoch (`partial.*`)."""
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
@@ -174,7 +179,7 @@ def save_checkpoint(path: str | Path, *, model: Any, objective: Any, optimizer: 
     meta = dict(state)
     meta.update(format=FORMAT_VERSION, rng=rng_meta,
                 optimizer={"param_groups": opt_state["param_groups"]}, crc32=tensors_crc32(tensors))
-    write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
+    return save(tensors, metadata={META_KEY: json.dumps(meta)})
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -39,7 +39,7 @@ from .errors import ElbokitError
 
 # Keys that may change when a run is resumed (they do not change what was already computed).
 RESUMABLE_OVERRIDES = {
-    "train": {"max_epochs", "patience", "lr", "grad_clip", "device", "evaluate", "threads"},
+    "train": {"max_epochs", "patience", "lr", "grad_clip", "device", "evaluate", "threads", "checkpoint_seconds"},
     "output": {"tensorboard"},
 }
 
@@ -432,6 +432,11 @@ class Trainer:
         self.tb = None
         self.partial: dict[str, Any] | None = None  # an interrupted epoch's progress, from a checkpoint
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit()
+        # Checkpoints are written at most every train.checkpoint_seconds: a best reached in
+        # between is serialised at once (a few ms) and written with the next last checkpoint.
+        self._pending_best: bytes | None = None
+        self._last_write = time.perf_counter()
+        self._written_epoch = 0  # the epoch of checkpoints/last on disk
 
     # -- run directory ----------------------------------------------------------------
     def _create_run_dir(self) -> None:
@@ -471,15 +476,33 @@ class Trainer:
         """Checkpoint `which` (best or last). With `progress` (an interrupted epoch), the
         epoch's permutation, the steps done and its running sums go along, so that resuming
         finishes the epoch exactly as an uninterrupted run would."""
+        from .io import write_bytes
+
+        write_bytes(run_mod.checkpoint_path(run_dir or self.setup.run_dir, which), self.checkpoint_bytes(progress))
+
+    def checkpoint_bytes(self, progress: dict[str, Any] | None = None) -> bytes:
+        """The checkpoint of the current state as a safetensors file's bytes (see `save`)."""
         state, extra = self._checkpoint_state(), None
         if progress is not None:
             state["partial_epoch"] = {"steps_done": progress["steps_done"], "terms": list(progress["term_sums"])}
             extra = {"partial.perm": progress["perm"], "partial.loss_sum": progress["loss_sum"],
                      "partial.first_bad": progress["first_bad"],
                      **{f"partial.terms.{k}": v for k, v in progress["term_sums"].items()}}
-        run_mod.save_checkpoint(run_mod.checkpoint_path(run_dir or self.setup.run_dir, which), model=self.model,
-                                objective=self.objective, optimizer=self.optimizer,
-                                data_generator=self.data_order, state=state, extra=extra)
+        return run_mod.checkpoint_bytes(model=self.model, objective=self.objective, optimizer=self.optimizer,
+                                        data_generator=self.data_order, state=state, extra=extra)
+
+    def _write_checkpoints(self) -> None:
+        """Write the pending best (serialised when it was reached) and then the last checkpoint.
+        Best before last: a kill between the two resumes from the older last checkpoint, whose
+        replay reaches the same best again."""
+        from .io import write_bytes
+
+        if self._pending_best is not None:
+            write_bytes(run_mod.checkpoint_path(self.setup.run_dir, "best"), self._pending_best)
+            self._pending_best = None
+        self.save("last")
+        self._last_write = time.perf_counter()
+        self._written_epoch = self.state["epoch"]
 
     def _restore(self, path: Path) -> None:
         tensors, meta = run_mod.read_checkpoint(path)
@@ -491,6 +514,7 @@ class Trainer:
         run_mod.set_rng_state(tensors, meta["rng"], self.data_order)
         for key in self.state:
             self.state[key] = meta[key]
+        self._written_epoch = self.state["epoch"]
         partial = meta.get("partial_epoch")
         if partial:
             self.partial = {"steps_done": partial["steps_done"], "perm": tensors["partial.perm"],
@@ -556,6 +580,8 @@ class Trainer:
                         record = self._epoch(x, x_pos, batch_size, steps_per_epoch)
                     except _StopRequested as stop:
                         self.state["train_seconds"] += time.perf_counter() - t0
+                        if self._pending_best is not None:
+                            self._write_checkpoints()  # the complete epochs first, then the partial one
                         self.save("last", progress=stop.progress)
                         raise TrainingInterrupted(s.run_dir, self.state["epoch"], stop.progress["steps_done"],
                                                   self.stop_signal) from None
@@ -563,14 +589,24 @@ class Trainer:
                     self.state["train_seconds"] += time.perf_counter() - t0
                     record["seconds"] = round(self.state["train_seconds"], 3)
                     _append_line(s.run_dir / "metrics.jsonl", record)
-                    # best before last: a kill between the two re-runs this epoch from the older
-                    # last checkpoint and rewrites the same best.
                     if record["improved"]:
-                        self.save("best")
-                    self.save("last")
+                        self._pending_best = self.checkpoint_bytes()
+                    every = cfg["checkpoint_seconds"]
+                    if every <= 0 or time.perf_counter() - self._last_write >= every:
+                        self._write_checkpoints()
                     if self.tb is not None:
                         self._tensorboard(record)
                     self.reporter.epoch(record)
+                if self._written_epoch != self.state["epoch"] or self._pending_best is not None:
+                    self._write_checkpoints()
+        except TrainingDiverged:
+            # The model is no longer finite: keep the last checkpoint on disk, but write a best
+            # reached since (it was serialised when it was reached, from a finite model).
+            if self._pending_best is not None:
+                from .io import write_bytes
+
+                write_bytes(run_mod.checkpoint_path(s.run_dir, "best"), self._pending_best)
+            raise
         except KeyboardInterrupt:
             raise TrainingInterrupted(s.run_dir, self.state["epoch"]) from None
         finally:
@@ -675,7 +711,7 @@ class Trainer:
     def _diverged(self, what: str, epoch: int) -> TrainingDiverged:
         cfg = self.setup.config["train"]
         clip = 1.0 if not 0 < cfg["grad_clip"] <= 1.0 else cfg["grad_clip"] / 10
-        kept = self.state["epoch"]
+        kept = self._written_epoch
         return TrainingDiverged(
             f"Training diverged: {what} (epoch {epoch}); the last good checkpoint (epoch {kept}"
             f"{': the initial state' if kept == 0 else ''}) is kept. Resume with a lower learning rate or "

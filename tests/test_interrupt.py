@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 ARGS = ["train", "--terms", "ed", "--n", "300", "--hidden", "16", "--batch-size", "64", "--max-epochs", "4",
-        "--patience", "50", "--no-evaluate", "-q"]
+        "--patience", "50", "--no-evaluate", "-q", "--checkpoint-seconds", "0"]  # every epoch, for the kill points
 STEPS_PER_EPOCH = 240 // 64  # 300 rows: 240 for training
 
 # (crash point, the epoch of checkpoints/last after the kill; None: killed while the run
@@ -153,3 +153,24 @@ def test_a_keyboard_interrupt_from_code_keeps_the_last_complete_epoch(tmp_path, 
     assert info.value.epoch == 1 and info.value.step_in_epoch == 0
     train(resume=tmp_path / "run")
     assert_same_run(tmp_path / "run", reference)
+
+
+def test_checkpoints_written_seldom_still_resume_exactly(tmp_path, reference, run_cli):
+    """With the default spacing of checkpoints (train.checkpoint_seconds), a SIGKILL loses the
+    epochs since the last write, and the resume replays them to the same numbers; a best
+    reached in between is written with the final checkpoints."""
+    from elbokit.run import read_checkpoint
+
+    out = tmp_path / "run"
+    args = [*ARGS[:-2], "--checkpoint-seconds", "1000"]  # nothing but the initial checkpoint until the end
+    env = {**os.environ, "ELBOKIT_TEST_CRASH_AT": f"step:train:{2 * STEPS_PER_EPOCH + 2}",
+           "ELBOKIT_DISABLE_PLUGINS": "1"}
+    proc = subprocess.run([sys.executable, "-c", "from elbokit.cli import console_main; console_main()", *args,
+                           "--out", str(out)], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    _, meta = read_checkpoint(out / "checkpoints" / "last.safetensors")
+    assert meta["epoch"] == 0 and not (out / "checkpoints" / "best.safetensors").exists()
+    assert len(metrics(out)) == 2  # epochs 1 and 2 ran; the resume drops and replays them
+    res = run_cli("train", "--resume", out, "-q")
+    assert res.exit_code == 0, res.stderr
+    assert_same_run(out, reference)

@@ -107,6 +107,7 @@ def train(
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the gradient norm (0: off) [0]."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (0: all cores) [1]."),
+    checkpoint_seconds: Optional[float] = typer.Option(None, "--checkpoint-seconds", help="Write checkpoints at most this often, in seconds (0: every epoch) [10]."),
     evaluate: Optional[bool] = typer.Option(None, "--evaluate/--no-evaluate", help="Evaluate the best checkpoint on the test split at the end [on]."),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory [runs/<date-time>]; must not exist yet."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log to RUN_DIR/tensorboard (needs tensorboard)."),
@@ -133,7 +134,7 @@ def train(
         _set(o, "prior", "options", dict(config_mod.parse_assignment(t, "--prior-option") for t in prior_option))
     for key, value in (("seed", seed), ("lr", lr), ("batch_size", batch_size), ("max_epochs", max_epochs),
                        ("patience", patience), ("select", select), ("grad_clip", grad_clip), ("device", device), ("threads", threads),
-                       ("evaluate", evaluate)):
+                       ("evaluate", evaluate), ("checkpoint_seconds", checkpoint_seconds)):
         _set(o, "train", key, value)
     _set(o, "output", "out", out)
     _set(o, "output", "tensorboard", tensorboard)
