@@ -217,6 +217,7 @@ def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: 
         train_x = dataset.x[indices["train"]]
         standardizer = Standardizer.fit(train_x) if dcfg["standardize"] else Standardizer.identity(dataset.dim)
     splits = {name: make_split(name, dataset, idx, standardizer, device) for name, idx in indices.items() if len(idx)}
+    _check_likelihood_support(cfg, splits)
 
     # The model is initialised first from the training seed, so the prior and terms
     # (which may draw random numbers too) never change it.
@@ -251,6 +252,19 @@ def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: 
         setup.notes.append(f"Prior '{prior.name}' has no log_prob, so the validation -ELBO cannot be computed; "
                            "early stopping and the best checkpoint use the objective's own validation loss.")
     return setup
+
+
+def _check_likelihood_support(cfg: dict[str, Any], splits: dict[str, Any]) -> None:
+    """A Bernoulli likelihood is a density only for data in [0, 1] (as the model sees it)."""
+    if str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli":
+        return
+    for name, split in splits.items():
+        outside = ((split.x < 0) | (split.x > 1)).any(dim=1).nonzero()
+        if len(outside):
+            raise ElbokitError(
+                f"The bernoulli likelihood needs data in [0, 1], but {name} row {int(outside[0])} is outside it "
+                "(after standardisation, if on); scale the data to [0, 1] with data.standardize = false, "
+                "or use recon.likelihood=mse or gaussian.")
 
 
 def rebuild_prior(prior: Any, prior_cls: type) -> Any:

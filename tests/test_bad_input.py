@@ -182,6 +182,8 @@ CASES = [
     Case("data-empty", [*TRAIN, "--data", "{tmp}/empty.npy"], "is empty"),
     Case("data-csv-word", [*TRAIN, "--data", "{tmp}/bad.csv"], "has a value that is not a number", "row 1"),
     Case("infonce-without-positives", [*TRAIN, "--data", "{tmp}/plain.npy", "--terms", "ed"], "needs positive pairs"),
+    Case("bernoulli-outside-unit-interval", [*TRAIN, "--data", "{tmp}/plain.npy", "-o", "recon.likelihood=bernoulli"],
+         "The bernoulli likelihood needs data in [0, 1]", "row "),
     Case("prior-dimension", [*TRAIN, "--prior", "gmm", "--prior-samples", "{tmp}/prior3.npy"],
          "but the latent dimension is", "dimension 3"),
     Case("prior-no-samples", [*TRAIN, "--prior", "gmm", "--data", "{tmp}/plain.npy"], "give --prior-samples"),

@@ -187,7 +187,7 @@ def test_entry_point_discovery_finds_the_installed_example_plugins(monkeypatch):
         try:
             importlib.metadata.distribution(dist)
         except importlib.metadata.PackageNotFoundError:
-            pytest.skip(f"{dist} is not installed; install the examples with pip install ./plugins/* (CI does)")
+            pytest.skip(f"{dist} is not installed; install the examples with pip install ./plugins/*/ (CI does)")
     monkeypatch.delenv(DISABLE_ENV, raising=False)
     registry = Registry.build()  # entry points on by default
     assert registry.failures == []
