@@ -36,6 +36,14 @@ def test_weights_and_spaces():
     ("Recon", "Cannot read term 'Recon'"),
     ("recon;kl", "Cannot read term 'recon;kl'"),
     ("kl:1:2", "Cannot read term 'kl:1:2'"),
+    ("recon,kl,recon", "appears twice"),
+    ("recon:1,recon:2", "appears twice"),
+    ("recon,ed", "cannot be mixed"),
+    ("kl:half", "must be a number"),
+    ("kl:-inf", "must be finite"),
+    ("recon kl", "Cannot read term 'recon kl'"),
+    ("kl:", "Cannot read term 'kl:'"),
+    ("   ", "empty"),
 ])
 def test_bad_specs_give_one_sentence(spec, fragment):
     with pytest.raises(ElbokitError) as info:
