@@ -582,7 +582,7 @@ class Trainer:
         steps_per_epoch = n // batch_size  # the incomplete last batch is dropped, as DataLoader(drop_last=True)
         self.reporter.start(run_dir=s.run_dir, first_epoch=self.state["epoch"], max_epochs=cfg["max_epochs"],
                             steps_per_epoch=steps_per_epoch)
-        session_steps, session_start = 0, time.perf_counter()
+        steps_this_process, process_start = 0, time.perf_counter()
         try:
             with self._stop_on_signals():
                 while self.state["epoch"] < cfg["max_epochs"] and self.state["bad_epochs"] < cfg["patience"]:
@@ -599,7 +599,7 @@ class Trainer:
                         self.save("last", progress=stop.progress)
                         raise TrainingInterrupted(s.run_dir, self.state["epoch"], stop.progress["steps_done"],
                                                   self.stop_signal) from None
-                    session_steps += steps_per_epoch - steps_before
+                    steps_this_process += steps_per_epoch - steps_before
                     self.state["train_seconds"] += time.perf_counter() - t0
                     record["seconds"] = round(self.state["train_seconds"], 3)
                     _append_line(s.run_dir / "metrics.jsonl", record)
@@ -627,8 +627,8 @@ class Trainer:
             self.reporter.stop()
             if self.tb is not None:
                 self.tb.close()
-        session_seconds = time.perf_counter() - session_start
-        return self._finish(session_steps, session_seconds)
+        seconds_this_process = time.perf_counter() - process_start
+        return self._finish(steps_this_process, seconds_this_process)
 
     def _epoch(self, x: torch.Tensor, x_pos: torch.Tensor | None, batch_size: int, steps: int) -> dict[str, Any]:
         from .io import crash_point
@@ -741,7 +741,7 @@ class Trainer:
                 self.tb.add_scalar(f"val/{k}", v, step)
         self.tb.flush()
 
-    def _finish(self, session_steps: int, session_seconds: float) -> dict[str, Any]:
+    def _finish(self, steps_this_process: int, seconds_this_process: float) -> dict[str, Any]:
         s, cfg = self.setup, self.setup.config["train"]
         st = self.state
         stopped = "patience" if st["bad_epochs"] >= cfg["patience"] else "max_epochs"
@@ -752,7 +752,7 @@ class Trainer:
             "best_val": st["best_value"], "select_metric": "val_" + self.select_metric,
             "space": "standardised" if s.config["data"]["standardize"] else "original",
             "stopped_by": stopped, "train_seconds": round(st["train_seconds"], 3),
-            "steps_per_second": round(session_steps / session_seconds, 2) if session_steps and session_seconds > 0 else None,
+            "steps_per_second": round(steps_this_process / seconds_this_process, 2) if steps_this_process and seconds_this_process > 0 else None,
             "n_train": len(s.indices["train"]), "n_val": len(s.indices["val"]), "n_test": len(s.indices["test"]),
         }
         if s.notes:
