@@ -252,3 +252,17 @@ def test_learned_likelihood_parameters_are_trained_saved_and_restored(tmp_path, 
     saved = checkpoint_tensors(out)["objective.terms.recon.likelihood.log_scale"]
     assert saved.shape == (20,) and np.abs(saved).max() > 1e-3  # moved away from its init of 0
     assert np.array_equal(run.likelihood.log_scale.detach().numpy(), saved)
+
+
+def test_the_end_of_training_prints_the_held_out_bounds_it_stored(run_cli, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    args = [a for a in FAST if a not in ("--no-evaluate", "-q")]
+    res = run_cli("train", *args, "--data", "gaussian", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    test = json.loads((out / "summary.json").read_text())["test"]
+    assert test["elbo"] <= test["iwae"] <= test["exact_loglik"]
+    line = [l for l in res.stdout.splitlines() if l.startswith("Test split")][0]
+    assert f"ELBO {test['elbo']:.2f} ± {test['elbo_se']:.2f}" in line
+    assert f"IWAE (K={test['iw_samples']}) {test['iwae']:.2f}" in line

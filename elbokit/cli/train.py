@@ -182,6 +182,11 @@ def train(
         print(f"Done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.2f} s "
               f"({summary['steps_per_second']} steps/s); best {metric} {summary['best_val']:.4f} at epoch "
               f"{summary['best_epoch']} ({summary['space']} space). Run: {summary['run_dir']}")
+        test = summary.get("test") or {}
+        if test.get("iwae") is not None:
+            print(f"Test split (N={test['n']}, lower bounds on log p(x), nats per example in data units): "
+                  f"ELBO {test['elbo']:.2f} ± {test['elbo_se']:.2f}, IWAE (K={test['iw_samples']}) "
+                  f"{test['iwae']:.2f} ± {test['iwae_se']:.2f}. All metrics: elbokit evaluate {summary['run_dir']}")
 
 
 def register(app: typer.Typer) -> None:
