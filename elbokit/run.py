@@ -51,6 +51,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ElbokitError(f"--device {name} was asked for but CUDA is not available here; use --device cpu or auto.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ElbokitError("--device mps was asked for but MPS is not available here; use --device cpu or auto.")
     return torch.device(name)
 
 

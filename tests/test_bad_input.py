@@ -219,6 +219,7 @@ CASES = [
     Case("evaluate-missing", ["evaluate", "{tmp}/nosuchrun"], "Run directory not found"),
     Case("evaluate-not-a-run", ["evaluate", "{tmp}/notarun"], "is not an elbokit run directory"),
     Case("evaluate-iw-samples-0", ["evaluate", "{tmp}/run", "--iw-samples", "0"], "--iw-samples must be a positive integer"),
+    Case("evaluate-device-unknown", ["evaluate", "{tmp}/run", "--device", "gpu"], "--device must be cpu, cuda, cuda:N or auto"),
     Case("evaluate-truncated", ["evaluate", "{tmp}/run"], "is not a readable elbokit checkpoint",
          prepare=truncate("run/checkpoints/best.safetensors")),
     Case("evaluate-damaged", ["evaluate", "{tmp}/run"], "do not match the CRC-32",

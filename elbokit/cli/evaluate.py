@@ -94,6 +94,7 @@ def evaluate(
     iw_samples: int = typer.Option(1000, "--iw-samples", "-k", help="Importance samples K per example for the IWAE bound."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the Monte-Carlo samples."),
+    device: str = typer.Option("cpu", "--device", help="cpu (default), cuda, cuda:N or auto."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Evaluate a trained run on held-out data against its own prior: ELBO, IWAE, exact log p(x), ELBO surgery."""
@@ -105,12 +106,15 @@ def evaluate(
         raise ElbokitError("--split picks one of the run's own splits; with --data the whole given dataset is evaluated.")
     if data is None and (data_option or data_seed):
         raise ElbokitError("--data-seed and --data-option apply to a dataset given with --data.")
+    from elbokit.config import device_check
+
+    device = device_check("--device", device)
     if not run_dir.is_dir():
         raise ElbokitError(f"Run directory not found: {run_dir}.")
     from elbokit.evaluate import evaluate_run
     from elbokit.run import load_run
 
-    run = load_run(run_dir, checkpoint)
+    run = load_run(run_dir, checkpoint, device=device)
     dataset = _load_data(data, data_seed, data_option) if data is not None else None
     report = evaluate_run(run, split=split or "test", data=dataset, iw_samples=iw_samples, seed=seed)
     report["run_dir"] = str(run_dir)
