@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from . import listing
+from . import data, evaluate, listing, plot, train
 
 app = typer.Typer(
     name="elbokit",
@@ -19,13 +19,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-listing.register(app)
-for _module in ("train", "evaluate", "data", "plot"):
-    try:
-        __import__(f"{__name__}.{_module}", fromlist=["register"]).register(app)
-    except ModuleNotFoundError as exc:  # a command group not written yet
-        if exc.name != f"{__name__}.{_module}":
-            raise
+for _commands in (listing, train, evaluate, data, plot):
+    _commands.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
