@@ -62,3 +62,14 @@ def test_usage_errors_are_one_line_with_exit_code_2(run_cli, args):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_help_does_not_import_torch():
+    # The CLI imports the library inside its commands, so `elbokit --help` stays fast.
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom elbokit.cli import main\nmain(['--help'])\n"
+            "sys.stderr.write('TORCH=' + str('torch' in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "TORCH=False" in proc.stderr, proc.stderr
