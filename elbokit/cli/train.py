@@ -56,14 +56,6 @@ class RichReporter:
             self.progress = None
 
 
-class QuietReporter:
-    def start(self, **_: Any) -> None: pass
-    def step(self) -> None: pass
-    def epoch(self, record: dict[str, Any]) -> None: pass
-    def note(self, message: str) -> None: pass
-    def stop(self) -> None: pass
-
-
 def _set(overrides: dict[str, Any], section: str, key: str, value: Any) -> None:
     if value is not None:
         overrides.setdefault(section, {})[key] = value
@@ -116,7 +108,7 @@ def train(
 ) -> None:
     """Train a VAE on an objective composed of terms, e.g. --terms recon,infonce,entropy,xent --prior gmm."""
     from elbokit import config as config_mod
-    from elbokit.train import TrainingDiverged, TrainingInterrupted
+    from elbokit.train import SilentReporter, TrainingDiverged, TrainingInterrupted
     from elbokit.train import train as run_training
 
     o: dict[str, Any] = {}
@@ -155,7 +147,7 @@ def train(
         sys.stdout.write(config_mod.dumps(cfg))
         return
 
-    reporter = QuietReporter() if quiet else RichReporter()
+    reporter = SilentReporter() if quiet else RichReporter()
     try:
         summary = run_training(cfg, resume=resume, reporter=reporter)
     except TrainingInterrupted as exc:
