@@ -9,8 +9,17 @@ Layout (every file is written atomically: temporary file, fsync, `os.replace`):
       metrics.jsonl             one JSON object per epoch (train terms, validation metrics)
       checkpoints/last.safetensors   the state after the latest epoch
       checkpoints/best.safetensors   the state at the best validation metric
+      run.json                  metadata: format version, versions of elbokit, torch, numpy and
+                                python, the provenance of each component (plugin and version),
+                                threads, world size, host, times
       summary.json              written when training ends
       plots/                    `elbokit plot RUN_DIR`
+      .lock                     held (flock) by the one process writing the directory; it
+                                names that process's pid and host. Readers never take it.
+
+`RunDir` is the directory as one object: created complete (staged in a hidden directory and
+renamed into place) under its lock, or opened for writing under the lock, and read back
+without it.
 
 A checkpoint is ONE safetensors file, so it is replaced atomically as a whole: tensors
 `model.*`, `objective.*` (the terms' learnable parameters and the prior's buffers, under
@@ -34,6 +43,8 @@ import torch
 
 from . import config as config_mod
 from .errors import ElbokitError
+from .build import (  # noqa: F401 - their former home; build.py is where components are made
+    StoredRun, build_model, build_objective_for, reconstruction_likelihood, resolve_device, split_term_config)
 from .io import write_bytes, write_json, write_text
 
 FORMAT_VERSION = 1
@@ -44,59 +55,6 @@ META_KEY = "elbokit"
 # -- paths ------------------------------------------------------------------------------
 def checkpoint_path(run_dir: str | Path, which: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"{which}.safetensors"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ElbokitError(f"--device {name} was asked for but CUDA is not available here; use --device cpu or auto.")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ElbokitError("--device mps was asked for but MPS is not available here; use --device cpu or auto.")
-    return torch.device(name)
-
-
-# -- building the model, prior and objective from a config ------------------------------
-def split_term_config(cfg: dict[str, Any], data_dim: int, registry: Any) -> tuple[dict, dict]:
-    """[terms.<name>] tables -> (options for build_objective, weights). `weight` is a weight,
-    not an option; a term that takes `data_dim` (recon, for the gaussian likelihood) gets it."""
-    from .objective import _accepted, parse_terms
-
-    options: dict[str, dict[str, Any]] = {}
-    weights: dict[str, float] = {}
-    names = [n for n, _ in parse_terms(cfg["objective"]["terms"])]
-    for term, opts in cfg["terms"].items():
-        opts = dict(opts)
-        if "weight" in opts:
-            weights[term] = config_mod.finite_float(f"terms.{term}.weight", opts.pop("weight"))
-        options[term] = opts
-    for name in names:
-        if "data_dim" in _accepted(registry.term(name)):
-            options.setdefault(name, {}).setdefault("data_dim", data_dim)
-    return options, weights
-
-
-def build_model(cfg: dict[str, Any], data_dim: int):
-    from .models import VAE
-
-    return VAE(data_dim, cfg["model"]["latent_dim"], cfg["model"]["hidden"])
-
-
-def build_objective_for(cfg: dict[str, Any], prior: Any, data_dim: int, dataset_size: int,
-                        has_positives: bool, registry: Any):
-    from .objective import build_objective
-
-    options, weights = split_term_config(cfg, data_dim, registry)
-    return build_objective(cfg["objective"]["terms"], prior, options=options, weights=weights,
-                           dataset_size=dataset_size, has_positives=has_positives, registry=registry)
-
-
-def reconstruction_likelihood(objective: Any):
-    """The objective's likelihood, or the paper's `mse` when the objective has no recon term."""
-    from .likelihoods import make_likelihood
-
-    lik = objective.reconstruction_likelihood()
-    return lik if lik is not None else make_likelihood("mse")
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -329,6 +287,352 @@ def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:
     write_text(run_dir / "config.toml", config_mod.dumps(cfg))
 
 
+# -- the run directory as one object ----------------------------------------------------
+LOCK_NAME = ".lock"
+METADATA_NAME = "run.json"
+
+
+class RunDirLocked(ElbokitError):
+    """Another live process holds the run directory's lock (bad input: exit code 2)."""
+
+
+def default_run_dir(root: str | Path = "runs") -> Path:
+    """runs/<YYYYmmdd-HHMMSS> (with -2, -3, ... if taken): never an existing directory."""
+    import datetime as _dt
+
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / stamp
+    candidate, i = base, 1
+    while candidate.exists():
+        i += 1
+        candidate = base.with_name(f"{stamp}-{i}")
+    return candidate
+
+
+def check_new_run_dir(path: Path) -> None:
+    """Refuse, before anything is built or written, an --out that exists (non-empty) or
+    cannot be created."""
+    from .io import check_can_create
+
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ElbokitError(f"The run directory {path} already exists; choose another --out, or continue it with --resume {path}.")
+    check_can_create(path, "the run directory", "give --out a path in a writable directory")
+
+
+def _holder_text(raw: bytes) -> str:
+    try:
+        holder = json.loads(raw.decode("utf-8"))
+        return f"pid {holder['pid']} on host {holder['host']}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "a process whose pid is not recorded yet"
+
+
+def _lock(path: Path) -> int:
+    """Take the exclusive advisory lock on `path` (created if missing) without waiting; return
+    the open descriptor, which holds the lock until it is closed. flock, not lockf: a POSIX
+    record lock is dropped when ANY descriptor of the file in the process is closed (e.g. by a
+    reader of the same file), a flock only with this one. The kernel releases it when the
+    process dies, so a SIGKILL never leaves a stale lock. The holder is recorded in the file by
+    `_record_holder` once the process starts writing (so a refused command changes nothing)."""
+    import fcntl
+    import os
+
+    from .io import _FILE_MODE
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder_text(os.pread(fd, 4096, 0))
+        os.close(fd)
+        raise RunDirLocked(f"{path.parent} is being written by another process ({holder}); wait for it to "
+                           "finish or stop it, then try again.") from None
+    except OSError as exc:
+        os.close(fd)
+        raise ElbokitError(f"Cannot lock {path}: {exc.strerror or exc}; the filesystem does not support file locks "
+                           "(on Lustre, mount with -o flock; see docs/training.md).") from None
+    return fd
+
+
+def _record_holder(fd: int) -> None:
+    import datetime as _dt
+    import os
+    import socket
+
+    record = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+
+
+def _version(distribution: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def plugin_version(registry: Any, plugin: str) -> str | None:
+    """The version of the distribution that provides `plugin` (elbokit's for the built-ins)."""
+    from . import __version__
+
+    info = getattr(registry, "plugins", {}).get(plugin)
+    if info is not None and info.builtin:
+        return __version__
+    if info is not None and info.version:
+        return info.version
+    return _version(plugin)
+
+
+def provenance(components: Any) -> list[dict[str, Any]]:
+    """Where each component of a run comes from: kind, name, the plugin that registered it and
+    that plugin's version (the dataset, the prior, each term and each term's estimator)."""
+    registry = components.registry
+    rows: list[dict[str, Any]] = []
+
+    def add(kind: str, name: str, table: dict, key: Any) -> None:
+        entry = table.get(key)
+        plugin = entry.plugin if entry is not None else None
+        rows.append({"kind": kind, "name": name, "plugin": plugin,
+                     "plugin_version": plugin_version(registry, plugin) if plugin else None})
+
+    dataset = components.config["data"]["dataset"]
+    if dataset in registry.datasets:
+        add("dataset", dataset, registry.datasets, dataset)
+    else:
+        rows.append({"kind": "dataset", "name": dataset, "plugin": None, "plugin_version": None, "file": True})
+    add("prior", components.prior.name, registry.priors, components.prior.name)
+    for name, term in components.objective.terms.items():
+        add("term", name, registry.terms, name)
+        estimator = getattr(term, "estimator", None)
+        if estimator is not None:
+            add("estimator", f"{term.quantity}/{estimator.name}", registry.estimators, (term.quantity, estimator.name))
+    return rows
+
+
+def run_metadata(components: Any, *, threads: int | None = None, world_size: int = 1) -> dict[str, Any]:
+    """run.json: what made this run, beside what it computed (config.toml, summary.json)."""
+    import datetime as _dt
+    import platform
+    import socket
+
+    from . import __version__
+
+    return {
+        "format": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "versions": {"elbokit": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "world_size": world_size,
+        "device": str(components.device),
+        "components": provenance(components),
+    }
+
+
+class RunDir:
+    """A run directory. `RunDir(path)` reads (never locks, never blocks: every file is
+    replaced atomically, metrics.jsonl only grows by whole lines); `RunDir.create(...)` and
+    `RunDir.open(path)` return one that holds the directory's lock and may write, until
+    `close()` (or the end of a `with` block, or the death of the process)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # -- paths ---------------------------------------------------------------------------
+    def checkpoint_path(self, which: str) -> Path:
+        return checkpoint_path(self.path, which)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.path / METADATA_NAME
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_NAME
+
+    # -- reading (no lock) ---------------------------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        return read_config(self.path)
+
+    def read_data_record(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return read_data_info(self.path)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics_path)
+
+    def read_checkpoint(self, which: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return read_checkpoint(self.checkpoint_path(which))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
+
+    def read_metadata(self) -> dict[str, Any] | None:
+        """run.json, or None for a run directory written before it existed."""
+        if not self.metadata_path.is_file():
+            return None
+        try:
+            meta = json.loads(self.metadata_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ElbokitError(f"{self.metadata_path} is damaged ({_first_line(exc)}); restore it from a copy.") from None
+        return meta if isinstance(meta, dict) else None
+
+    def stored_run(self, which: str = "last", meta: dict[str, Any] | None = None) -> StoredRun:
+        """How the run's components were built (data record + a checkpoint's prior and sizes)."""
+        from .data import Standardizer
+
+        arrays, info = self.read_data_record()
+        if meta is None:
+            _, meta = self.read_checkpoint(which)
+        return StoredRun(indices={k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("indices.")},
+                         standardizer=Standardizer(arrays["standardizer.mean"], arrays["standardizer.std"]),
+                         data_info=info, prior_name=meta["prior"]["name"], prior_spec=meta["prior"]["spec"],
+                         dataset_size=meta.get("dataset_size"), has_positives=meta.get("has_positives"))
+
+    # -- writing (under the lock) --------------------------------------------------------
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    @classmethod
+    def create(cls, path: str | Path, *, config: dict[str, Any], dataset: Any, indices: dict[str, np.ndarray],
+               standardizer: Any, metadata: dict[str, Any], checkpoint: bytes) -> "RunDir":
+        """Write the config, run.json, the data record, an empty metrics.jsonl and the initial
+        checkpoint (as checkpoints/last) into a hidden directory beside `path`, holding its
+        lock, then rename it into place: a run directory is complete and resumable, or absent,
+        and it is never without its writer's lock."""
+        import errno
+        import os
+        import shutil
+
+        from .io import fsync_dir, make_temporary_dir
+
+        path = Path(path)
+        staging = make_temporary_dir(path)
+        run = cls(staging)
+        try:
+            run._lock_fd = _lock(run.lock_path)
+            _record_holder(run._lock_fd)
+            (staging / "checkpoints").mkdir()
+            write_config(staging, config)
+            write_json(run.metadata_path, metadata)
+            save_data_info(staging, dataset, indices, standardizer)
+            run.metrics_path.write_text("")
+            run.write_checkpoint("last", checkpoint)
+            try:
+                os.replace(staging, path)  # an empty --out directory is replaced too
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                # Created meanwhile by another process (two commands with the same --out).
+                other = cls(path)
+                holder = ""
+                if other.lock_path.is_file():
+                    holder = " by another process (" + _holder_text(other.lock_path.read_bytes()) + ")"
+                raise RunDirLocked(f"The run directory {path} was created{holder} while this run was being "
+                                   "prepared; choose another --out.") from None
+        except BaseException:
+            run.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        run.path = path
+        fsync_dir(path.parent)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """An existing run directory, locked for writing: a second writer is refused, naming
+        the holder. Nothing is written until `begin_writing()`, so that checks made under the
+        lock can still refuse the command without a trace."""
+        run = cls(path)
+        run.read_config()  # one clear line when it is not a run directory at all
+        run._lock_fd = _lock(run.lock_path)
+        return run
+
+    def begin_writing(self) -> None:
+        """Record this process as the holder (pid, host) and remove the temporary files a
+        process killed while writing left behind."""
+        from .io import remove_temporaries
+
+        self._check_writer()
+        _record_holder(self._lock_fd)
+        for directory in (self.path, self.path / "checkpoints"):
+            remove_temporaries(directory)
+
+    def close(self) -> None:
+        """Release the lock (the lock file stays; holding it is what counts)."""
+        import os
+
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_writer(self) -> None:
+        if self._lock_fd is None:
+            raise RuntimeError(f"{self.path} is open for reading only; use RunDir.open or RunDir.create to write")
+
+    def write_config(self, cfg: dict[str, Any]) -> None:
+        self._check_writer()
+        write_config(self.path, cfg)
+
+    def write_metadata(self, metadata: dict[str, Any]) -> None:
+        self._check_writer()
+        write_json(self.metadata_path, metadata)
+
+    def write_checkpoint(self, which: str, data: bytes) -> None:
+        self._check_writer()
+        write_bytes(self.checkpoint_path(which), data)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self._check_writer()
+        write_json(self.summary_path, summary)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one epoch's record. A process killed while writing leaves a last line
+        without its newline, which `read_metrics` skips and a resumed run rewrites."""
+        import os
+
+        from .io import CRASH_ENV, crash_point
+
+        self._check_writer()
+        line = json.dumps(record) + "\n"
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            if os.environ.get(CRASH_ENV):  # test-only: stop with half a line written
+                fh.write(line[:len(line) // 2])
+                fh.flush()
+                crash_point("mid-line", self.metrics_path.name)
+                line = line[len(line) // 2:]
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        crash_point("after-line", self.metrics_path.name)
+
+    def truncate_metrics(self, upto_epoch: int) -> None:
+        """Keep the records of epochs <= upto_epoch (a run killed between writing an epoch's
+        metrics and its checkpoint re-runs that epoch, and must not list it twice)."""
+        self._check_writer()
+        keep = [r for r in self.read_metrics() if r["epoch"] <= upto_epoch]
+        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
 # -- loading a run -----------------------------------------------------------------------
 @dataclass
 class Run:
@@ -361,18 +665,10 @@ class Run:
         """The whole dataset in original units, regenerated from the config (generated data)
         or re-read from its file, checked against the run's record (size, file hash)."""
         if self._dataset is None:
-            from .data import load_dataset
+            from .build import load_data
+            from .plugins import get_registry
 
-            cfg = self.config["data"]
-            source = cfg["dataset"]
-            ds = load_dataset(source, None if self.data_info.get("source") else config_mod.dataset_options(self.config),
-                              seed=cfg["seed"])
-            if len(ds) != self.data_info["n"] or ds.dim != self.data_info["dim"]:
-                raise ElbokitError(f"The data '{source}' now has shape ({len(ds)}, {ds.dim}) but the run was trained on "
-                                   f"({self.data_info['n']}, {self.data_info['dim']}).")
-            if self.data_info.get("sha256") and sha256_file(ds.meta["source"]) != self.data_info["sha256"]:
-                raise ElbokitError(f"The data file {source} has changed since the run was trained (sha256 differs).")
-            self._dataset = ds
+            self._dataset = load_data(self.config, get_registry(), RunDir(self.run_dir).stored_run(meta=self.state))
         return self._dataset
 
     def load_split(self, name: str = "test"):
@@ -414,31 +710,24 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     from .plugins import get_registry
 
     registry = registry or get_registry()
-    run_dir = Path(run_dir)
-    cfg = read_config(run_dir)
-    arrays, info = read_data_info(run_dir)
-    path = Path(checkpoint) if checkpoint not in CHECKPOINTS else checkpoint_path(run_dir, checkpoint)
+    rd = RunDir(run_dir)
+    cfg = rd.read_config()
+    path = Path(checkpoint) if checkpoint not in CHECKPOINTS else rd.checkpoint_path(checkpoint)
     if checkpoint not in CHECKPOINTS and not path.is_file():
         raise ElbokitError(f"Unknown checkpoint '{checkpoint}': give best, last or a checkpoint file.")
+    rd.read_data_record()  # a missing or damaged data record is named before the checkpoint
     tensors, meta = read_checkpoint(path)
     dev = resolve_device(str(device)) if device is not None else torch.device("cpu")
 
-    from .data import Standardizer
+    from .build import build_from_record
 
-    standardizer = Standardizer(mean=arrays["standardizer.mean"], std=arrays["standardizer.std"])
-    indices = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("indices.")}
-    model = build_model(cfg, info["dim"])
+    stored = rd.stored_run(meta=meta)
+    model, prior, objective = build_from_record(cfg, stored.data_info["dim"], stored, registry)
     load_module_state(model, _sub(tensors, "model."), "model", path)
-    prior_cls = registry.prior(meta["prior"]["name"])
-    try:
-        prior = prior_cls(**meta["prior"]["spec"])
-    except (TypeError, ValueError) as exc:
-        raise ElbokitError(f"Cannot rebuild prior '{meta['prior']['name']}' from {path}: {exc}") from None
-    prior.attach(model)
-    objective = build_objective_for(cfg, prior, info["dim"], meta["dataset_size"], meta["has_positives"], registry)
     load_module_state(objective, _sub(tensors, "objective."), "objective (terms and prior)", path)
     model.to(dev).eval()
     objective.to(dev).eval()
-    return Run(run_dir=run_dir, checkpoint=str(checkpoint), config=cfg, model=model, objective=objective,
-               prior=objective.prior, likelihood=reconstruction_likelihood(objective), standardizer=standardizer,
-               state=meta, data_info=info, indices=indices, device=dev)
+    return Run(run_dir=rd.path, checkpoint=str(checkpoint), config=cfg, model=model, objective=objective,
+               prior=objective.prior, likelihood=reconstruction_likelihood(objective),
+               standardizer=stored.standardizer, state=meta, data_info=stored.data_info, indices=stored.indices,
+               device=dev)

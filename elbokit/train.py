@@ -20,21 +20,20 @@ holds every random state, so `resume` continues the exact same stream.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import math
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from . import config as config_mod
 from . import run as run_mod
+from .build import (  # noqa: F401 - also importable from here, as before build.py existed
+    Components, build_components, load_prior_samples, prior_samples_for, rebuild_prior, seed_everything)
 from .errors import ElbokitError
 
 # Keys that may change when a run is resumed (they do not change what was already computed).
@@ -88,205 +87,36 @@ class SilentReporter:
 
 
 @dataclass
-class Setup:
-    """Everything a run needs, built and checked, before anything is written."""
+class Setup(Components):
+    """The components of a run (see `elbokit.build.Components`) and where it is written."""
 
-    config: dict[str, Any]
-    run_dir: Path
-    device: torch.device
-    dataset: Any
-    indices: dict[str, np.ndarray]
-    standardizer: Any
-    splits: dict[str, Any]
-    model: Any
-    prior: Any
-    objective: Any
-    likelihood: Any
-    registry: Any
-    needs_positives: bool
+    run_dir: Path | None = None
     resume_from: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 # -- preparing ---------------------------------------------------------------------------
-def default_run_dir(cfg: dict[str, Any], root: str | Path = "runs") -> Path:
-    """runs/<YYYYmmdd-HHMMSS> (with -2, -3, ... if taken): never an existing directory."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / stamp
-    candidate, i = base, 1
-    while candidate.exists():
-        i += 1
-        candidate = base.with_name(f"{stamp}-{i}")
-    return candidate
-
-
-def check_new_run_dir(path: Path) -> None:
-    from .io import check_can_create
-
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ElbokitError(f"The run directory {path} already exists; choose another --out, or continue it with --resume {path}.")
-    check_can_create(path, "the run directory", "give --out a path in a writable directory")
-
-
-def load_prior_samples(path: str | Path, latent_dim: int) -> np.ndarray:
-    """Prior samples from .npy (an (n, L) array) or .npz (key `z`, `samples`, or its only array)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ElbokitError(f"Prior samples file not found: {path}.")
-    try:
-        if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                keys = archive.files
-                key = next((k for k in ("z", "samples") if k in keys), keys[0] if len(keys) == 1 else None)
-                if key is None:
-                    raise ElbokitError(f"{path} holds {', '.join(keys) or 'no arrays'}; name the prior samples 'z' or 'samples'.")
-                arr = archive[key]
-        elif path.suffix.lower() == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        else:
-            raise ElbokitError(f"Prior samples must be a .npy or .npz file, got {path}.")
-    except ElbokitError:
-        raise
-    except (OSError, ValueError, EOFError) as exc:
-        reason = ("it holds Python objects, which elbokit never unpickles" if "allow_pickle" in str(exc)
-                  else str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__)
-        raise ElbokitError(f"Cannot read prior samples from {path}: {reason}; give an (n, {latent_dim}) numeric array saved with numpy.save.") from None
-    if arr.dtype.kind not in "biuf" or arr.ndim != 2 or arr.shape[0] == 0:
-        raise ElbokitError(f"The prior samples in {path} must be a non-empty numeric (n, {latent_dim}) array, got shape {arr.shape}.")
-    if arr.shape[1] != latent_dim:
-        raise ElbokitError(f"The prior samples in {path} have dimension {arr.shape[1]} but the latent dimension is {latent_dim} (--latent-dim).")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise ElbokitError(f"The prior samples in {path} have NaN or Inf in row {int(np.argmax(bad))} (0-based).")
-    return arr.astype(np.float64)
-
-
-def prior_samples_for(cfg: dict[str, Any], dataset: Any, prior_name: str) -> np.ndarray:
-    latent_dim = cfg["model"]["latent_dim"]
-    if cfg["prior"]["samples"]:
-        return load_prior_samples(cfg["prior"]["samples"], latent_dim)
-    if dataset.sample_latents is not None:
-        z = np.asarray(dataset.sample_latents(cfg["prior"]["n_samples"]))
-        if z.shape[1] != latent_dim:
-            raise ElbokitError(
-                f"Prior '{prior_name}' is fitted to the generator's latents, which have dimension {z.shape[1]}, "
-                f"but the model's latent dimension is {latent_dim}; make them equal or give --prior-samples FILE.npy.")
-        return z
-    raise ElbokitError(
-        f"Prior '{prior_name}' is fitted to prior samples and dataset '{dataset.name}' has no generator to draw "
-        f"them from: give --prior-samples FILE.npy (an (n, {latent_dim}) array) or [prior] samples = \"FILE.npy\" in the config.")
-
-
 def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: Any = None) -> Setup:
-    """Load and check the data, prior, model and objective of `cfg` (resolved), or of the run
-    `resume`; raise ElbokitError on any problem. Writes nothing."""
-    from .data import Standardizer, load_dataset, make_split, split_indices
-    from .plugins import get_registry
-
-    registry = registry or get_registry()
-    resume_meta = None
+    """Build and check the data, prior, model and objective of `cfg` (resolved), or of the run
+    `resume`, through `elbokit.build`; raise ElbokitError on any problem. Writes nothing."""
+    stored = None
     if resume is not None:
-        run_dir = Path(resume)
-        last = run_mod.checkpoint_path(run_dir, "last")
-        if not last.is_file():
-            run_mod.read_config(run_dir)  # the clearer error first, when it is not a run at all
-            raise ElbokitError(f"{run_dir} has no checkpoint to resume from (checkpoints/last.safetensors is missing).")
-        _, resume_meta = run_mod.read_checkpoint(last)
+        rd = run_mod.RunDir(resume)
+        if not rd.checkpoint_path("last").is_file():
+            rd.read_config()  # the clearer error first, when it is not a run at all
+            raise ElbokitError(f"{rd.path} has no checkpoint to resume from (checkpoints/last.safetensors is missing).")
+        stored = rd.stored_run("last")
+        run_dir = rd.path
     else:
-        run_dir = Path(cfg["output"]["out"]) if cfg["output"]["out"] else default_run_dir(cfg)
-        check_new_run_dir(run_dir)
+        run_dir = Path(cfg["output"]["out"]) if cfg["output"]["out"] else run_mod.default_run_dir()
+        run_mod.check_new_run_dir(run_dir)
     if cfg["output"]["tensorboard"]:
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None:
             raise ElbokitError("--tensorboard needs the optional tensorboard package: pip install 'elbokit[tensorboard]' (or pip install tensorboard).")
-
-    device = run_mod.resolve_device(cfg["train"]["device"])
-    dcfg = cfg["data"]
-    dataset = load_dataset(dcfg["dataset"], config_mod.dataset_options(cfg), seed=dcfg["seed"], registry=registry)
-    if resume is not None:
-        arrays, info = run_mod.read_data_info(run_dir)
-        indices = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("indices.")}
-        standardizer = Standardizer(arrays["standardizer.mean"], arrays["standardizer.std"])
-        if len(dataset) != info["n"] or dataset.dim != info["dim"]:
-            raise ElbokitError(f"The data of {run_dir} now has shape ({len(dataset)}, {dataset.dim}), not ({info['n']}, {info['dim']}); it cannot be resumed.")
-        if info.get("sha256") and run_mod.sha256_file(dataset.meta["source"]) != info["sha256"]:
-            raise ElbokitError(f"The data file {dataset.meta['source']} has changed since {run_dir} was started (sha256 differs); it cannot be resumed.")
-    else:
-        indices = split_indices(len(dataset), dcfg["seed"], tuple(dcfg["split"]))
-        train_x = dataset.x[indices["train"]]
-        standardizer = Standardizer.fit(train_x) if dcfg["standardize"] else Standardizer.identity(dataset.dim)
-    splits = {name: make_split(name, dataset, idx, standardizer, device) for name, idx in indices.items() if len(idx)}
-    _check_likelihood_support(cfg, splits)
-
-    # The model is initialised first from the training seed, so the prior and terms
-    # (which may draw random numbers too) never change it.
-    seed_everything(cfg["train"]["seed"])
-    model = run_mod.build_model(cfg, dataset.dim)
-    prior_name = cfg["prior"]["name"]
-    if resume_meta is not None:
-        prior_cls = registry.prior(resume_meta["prior"]["name"])
-        prior = prior_cls(**resume_meta["prior"]["spec"])
-    else:
-        from . import make_prior
-
-        prior_cls = registry.prior(prior_name)
-        options = dict(cfg["prior"]["options"])
-        if getattr(prior_cls, "needs_samples", False):
-            options["samples"] = prior_samples_for(cfg, dataset, prior_name)
-        elif cfg["prior"]["samples"]:
-            raise ElbokitError(f"Prior '{prior_name}' is not fitted to samples; drop --prior-samples or use gmm or samples.")
-        fitted = make_prior(prior_name, dim=cfg["model"]["latent_dim"], registry=registry, **options)
-        prior = rebuild_prior(fitted, prior_cls)
-    prior.attach(model)  # before the optimiser and before any checkpoint state
-    has_positives = splits["train"].x_pos is not None
-    objective = run_mod.build_objective_for(cfg, prior, dataset.dim, len(indices["train"]), has_positives, registry)
-    model.to(device)
-    objective.to(device)
-    setup = Setup(config=cfg, run_dir=run_dir, device=device, dataset=dataset, indices=indices,
-                  standardizer=standardizer, splits=splits, model=model, prior=prior, objective=objective,
-                  likelihood=run_mod.reconstruction_likelihood(objective), registry=registry,
-                  needs_positives="positives" in objective.needs() and has_positives,
-                  resume_from=run_mod.checkpoint_path(run_dir, "last") if resume is not None else None)
-    if cfg["train"]["select"] == "elbo" and not prior.has_log_prob:
-        setup.notes.append(f"Prior '{prior.name}' has no log_prob, so the validation -ELBO cannot be computed; "
-                           "early stopping and the best checkpoint use the objective's own validation loss.")
-    return setup
-
-
-def _check_likelihood_support(cfg: dict[str, Any], splits: dict[str, Any]) -> None:
-    """A Bernoulli likelihood is a density only for data in [0, 1] (as the model sees it)."""
-    if str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli":
-        return
-    for name, split in splits.items():
-        outside = ((split.x < 0) | (split.x > 1)).any(dim=1).nonzero()
-        if len(outside):
-            raise ElbokitError(
-                f"The bernoulli likelihood needs data in [0, 1], but {name} row {int(outside[0])} is outside it "
-                "(after standardisation, if on); scale the data to [0, 1] with data.standardize = false, "
-                "or use recon.likelihood=mse or gaussian.")
-
-
-def rebuild_prior(prior: Any, prior_cls: type) -> Any:
-    """`PriorClass(**prior.spec())` + the fitted state: exactly how a checkpoint restores it.
-
-    Training always runs on the rebuilt prior so that a resumed run computes with tensors of
-    the same layout (a fitted buffer may be column-major, e.g. a Cholesky factor, and kernels
-    round differently on other strides), and so that a prior whose spec() cannot rebuild it
-    is refused now rather than when the run is loaded."""
-    state = {k: v.detach().clone().contiguous() for k, v in prior.state_dict().items()}
-    try:
-        rebuilt = prior_cls(**prior.spec())
-        rebuilt.load_state_dict(state, strict=True)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ElbokitError(f"Prior '{prior.name}' cannot be rebuilt from its spec() {prior.spec()} and state: {exc}") from None
-    return rebuilt
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-    random.seed(seed)
+    components = build_components(cfg, registry=registry, stored=stored)
+    return Setup(**{f.name: getattr(components, f.name) for f in fields(Components)}, run_dir=run_dir,
+                 resume_from=run_mod.checkpoint_path(run_dir, "last") if resume is not None else None)
 
 
 # -- validation --------------------------------------------------------------------------
@@ -358,35 +188,6 @@ def _select_metric(setup: Setup) -> str:
     return "neg_elbo" if setup.config["train"]["select"] == "elbo" and setup.prior.has_log_prob else "loss"
 
 
-def _truncate_metrics(path: Path, upto_epoch: int) -> None:
-    """Keep the records of epochs <= upto_epoch (a run killed between writing an epoch's
-    metrics and its checkpoint re-runs that epoch, and must not list it twice)."""
-    from .io import write_text
-
-    keep = [r for r in run_mod.read_metrics(path) if r["epoch"] <= upto_epoch]
-    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one epoch's record. A process killed while writing leaves a last line without
-    its newline, which `run.read_metrics` skips and a resumed run rewrites."""
-    import os
-
-    from .io import CRASH_ENV, crash_point
-
-    line = json.dumps(record) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        if os.environ.get(CRASH_ENV):  # test-only: stop with half a line written
-            fh.write(line[:len(line) // 2])
-            fh.flush()
-            crash_point("mid-line", path.name)
-            line = line[len(line) // 2:]
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
-    crash_point("after-line", path.name)
-
-
 def train(config: dict[str, Any] | None = None, *, resume: str | Path | None = None,
           reporter: Reporter | None = None, registry: Any = None) -> dict[str, Any]:
     """Train a model and return the summary (also written to RUN_DIR/summary.json).
@@ -433,9 +234,12 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None) -> dict
 class Trainer:
     """Runs the epochs of a prepared `Setup`, writing the run directory as it goes."""
 
-    def __init__(self, setup: Setup, reporter: Reporter | None = None):
+    def __init__(self, setup: Setup, reporter: Reporter | None = None, run: run_mod.RunDir | None = None):
         self.setup = setup
         self.reporter = reporter or SilentReporter()
+        # The run directory, holding its lock: given (a resume that locked it before building),
+        # or created/opened by fit(); fit() releases it when it returns or raises.
+        self.run = run
         cfg = setup.config["train"]
         self.model, self.objective = setup.model, setup.objective
         self.optimizer = torch.optim.Adam(_parameters(self.model, self.objective), lr=cfg["lr"])
@@ -453,29 +257,13 @@ class Trainer:
         self._written_epoch = 0  # the epoch of checkpoints/last on disk
 
     # -- run directory ----------------------------------------------------------------
-    def _create_run_dir(self) -> None:
-        """Write the config, the data record, an empty metrics.jsonl and the initial state
-        (checkpoints/last at epoch 0) into a hidden directory beside the run directory, then
-        rename it into place: a run directory is complete and resumable, or absent."""
-        import os
-
-        from .io import fsync_dir, make_temporary_dir
-
+    def _create_run_dir(self) -> run_mod.RunDir:
+        """The new run directory, complete (config, run.json, data record, the initial state as
+        checkpoints/last at epoch 0) and locked, or absent: see `RunDir.create`."""
         s = self.setup
-        staging = make_temporary_dir(s.run_dir)
-        try:
-            (staging / "checkpoints").mkdir()
-            run_mod.write_config(staging, s.config)
-            run_mod.save_data_info(staging, s.dataset, s.indices, s.standardizer)
-            (staging / "metrics.jsonl").write_text("")
-            self.save("last", run_dir=staging)
-            os.replace(staging, s.run_dir)  # an empty --out directory is replaced too
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        fsync_dir(s.run_dir.parent)
+        return run_mod.RunDir.create(s.run_dir, config=s.config, dataset=s.dataset, indices=s.indices,
+                                     standardizer=s.standardizer, metadata=run_mod.run_metadata(s),
+                                     checkpoint=self.checkpoint_bytes())
 
     def _checkpoint_state(self) -> dict[str, Any]:
         s = self.setup
@@ -486,13 +274,11 @@ class Trainer:
                 "dataset_size": len(s.indices["train"]), "has_positives": s.splits["train"].x_pos is not None,
                 "terms": s.objective.term_names}
 
-    def save(self, which: str, run_dir: Path | None = None, progress: dict[str, Any] | None = None) -> None:
+    def save(self, which: str, progress: dict[str, Any] | None = None) -> None:
         """Checkpoint `which` (best or last). With `progress` (an interrupted epoch), the
         epoch's permutation, the steps done and its running sums go along, so that resuming
         finishes the epoch exactly as an uninterrupted run would."""
-        from .io import write_bytes
-
-        write_bytes(run_mod.checkpoint_path(run_dir or self.setup.run_dir, which), self.checkpoint_bytes(progress))
+        self.run.write_checkpoint(which, self.checkpoint_bytes(progress))
 
     def checkpoint_bytes(self, progress: dict[str, Any] | None = None) -> bytes:
         """The checkpoint of the current state as a safetensors file's bytes (see `save`)."""
@@ -509,10 +295,8 @@ class Trainer:
         """Write the pending best (serialised when it was reached) and then the last checkpoint.
         Best before last: a kill between the two resumes from the older last checkpoint, whose
         replay reaches the same best again."""
-        from .io import write_bytes
-
         if self._pending_best is not None:
-            write_bytes(run_mod.checkpoint_path(self.setup.run_dir, "best"), self._pending_best)
+            self.run.write_checkpoint("best", self._pending_best)
             self._pending_best = None
         self.save("last")
         self._last_write = time.perf_counter()
@@ -562,17 +346,29 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        from .io import remove_temporaries
-
-        s, cfg = self.setup, self.setup.config["train"]
+        """Train to the end (max_epochs or patience), writing the run directory; return the summary."""
+        s = self.setup
         if s.resume_from is not None:
-            self._restore(s.resume_from)
-            for directory in (s.run_dir, s.run_dir / "checkpoints"):
-                remove_temporaries(directory)  # left by a process killed while writing
-            _truncate_metrics(s.run_dir / "metrics.jsonl", self.state["epoch"])
-            run_mod.write_config(s.run_dir, s.config)  # records a changed max_epochs, lr, ...
+            if self.run is None:
+                self.run = run_mod.RunDir.open(s.run_dir)
+            try:
+                self._restore(s.resume_from)
+                self.run.read_metrics()  # a damaged metrics.jsonl is refused before anything is written
+                self.run.begin_writing()
+                self.run.truncate_metrics(self.state["epoch"])
+                self.run.write_config(s.config)  # records a changed max_epochs, lr, ...
+            except BaseException:
+                self.run.close()
+                raise
         else:
-            self._create_run_dir()
+            self.run = self._create_run_dir()
+        try:
+            return self._fit()
+        finally:
+            self.run.close()
+
+    def _fit(self) -> dict[str, Any]:
+        s, cfg = self.setup, self.setup.config["train"]
         if s.config["output"]["tensorboard"]:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -602,7 +398,7 @@ class Trainer:
                     steps_this_process += steps_per_epoch - steps_before
                     self.state["train_seconds"] += time.perf_counter() - t0
                     record["seconds"] = round(self.state["train_seconds"], 3)
-                    _append_line(s.run_dir / "metrics.jsonl", record)
+                    self.run.append_metrics(record)
                     if record["improved"]:
                         self._pending_best = self.checkpoint_bytes()
                     every = cfg["checkpoint_seconds"]
@@ -617,9 +413,7 @@ class Trainer:
             # The model is no longer finite: keep the last checkpoint on disk, but write a best
             # reached since (it was serialised when it was reached, from a finite model).
             if self._pending_best is not None:
-                from .io import write_bytes
-
-                write_bytes(run_mod.checkpoint_path(s.run_dir, "best"), self._pending_best)
+                self.run.write_checkpoint("best", self._pending_best)
             raise
         except KeyboardInterrupt:
             raise TrainingInterrupted(s.run_dir, self.state["epoch"]) from None
@@ -760,9 +554,7 @@ class Trainer:
         test = self._evaluate_test()
         if test is not None:
             summary["test"] = test
-        from .io import write_json
-
-        write_json(s.run_dir / "summary.json", summary)
+        self.run.write_summary(summary)
         return summary
 
     def _evaluate_test(self) -> dict[str, Any] | None:

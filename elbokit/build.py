@@ -1,0 +1,292 @@
+"""One function from a config to everything a run computes with: `build_components`.
+
+Train, resume, evaluate and plot all build their data splits, model, prior, objective and
+likelihood here, so that a check written once holds for each of them (and for benchmark cells
+and distributed runs, which go through the same function):
+
+    from elbokit import config, build
+    components = build.build_components(config.resolve())
+    build.precheck(components)   # one forward/backward pass on a training batch; writes nothing
+
+Nothing here writes to disk. A new run fits its split and standardiser from the config; a
+stored run (resume, evaluate) passes its `StoredRun` record so that the very same split,
+standardiser and fitted prior are used again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import config as config_mod
+from .errors import ElbokitError
+
+
+@dataclass
+class StoredRun:
+    """What a run directory records about how its components were built: the data record
+    (split indices, standardiser, dataset info) and the checkpoint's prior and sizes."""
+
+    indices: dict[str, np.ndarray]
+    standardizer: Any
+    data_info: dict[str, Any]
+    prior_name: str
+    prior_spec: dict[str, Any]
+    dataset_size: int | None = None
+    has_positives: bool | None = None
+
+
+@dataclass
+class Components:
+    """Everything a run needs, built and checked, before anything is written."""
+
+    config: dict[str, Any]
+    device: torch.device
+    dataset: Any
+    indices: dict[str, np.ndarray]
+    standardizer: Any
+    splits: dict[str, Any]
+    model: Any
+    prior: Any
+    objective: Any
+    likelihood: Any
+    registry: Any
+    needs_positives: bool
+    notes: list[str] = field(default_factory=list)
+
+
+# -- single components --------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ElbokitError(f"--device {name} was asked for but CUDA is not available here; use --device cpu or auto.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ElbokitError("--device mps was asked for but MPS is not available here; use --device cpu or auto.")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+def split_term_config(cfg: dict[str, Any], data_dim: int, registry: Any) -> tuple[dict, dict]:
+    """[terms.<name>] tables -> (options for build_objective, weights). `weight` is a weight,
+    not an option; a term that takes `data_dim` (recon, for the gaussian likelihood) gets it."""
+    from .objective import _accepted, parse_terms
+
+    options: dict[str, dict[str, Any]] = {}
+    weights: dict[str, float] = {}
+    names = [n for n, _ in parse_terms(cfg["objective"]["terms"])]
+    for term, opts in cfg["terms"].items():
+        opts = dict(opts)
+        if "weight" in opts:
+            weights[term] = config_mod.finite_float(f"terms.{term}.weight", opts.pop("weight"))
+        options[term] = opts
+    for name in names:
+        if "data_dim" in _accepted(registry.term(name)):
+            options.setdefault(name, {}).setdefault("data_dim", data_dim)
+    return options, weights
+
+
+def build_model(cfg: dict[str, Any], data_dim: int):
+    from .models import VAE
+
+    return VAE(data_dim, cfg["model"]["latent_dim"], cfg["model"]["hidden"])
+
+
+def build_objective_for(cfg: dict[str, Any], prior: Any, data_dim: int, dataset_size: int,
+                        has_positives: bool, registry: Any):
+    from .objective import build_objective
+
+    options, weights = split_term_config(cfg, data_dim, registry)
+    return build_objective(cfg["objective"]["terms"], prior, options=options, weights=weights,
+                           dataset_size=dataset_size, has_positives=has_positives, registry=registry)
+
+
+def reconstruction_likelihood(objective: Any):
+    """The objective's likelihood, or the paper's `mse` when the objective has no recon term."""
+    from .likelihoods import make_likelihood
+
+    lik = objective.reconstruction_likelihood()
+    return lik if lik is not None else make_likelihood("mse")
+
+
+def prior_from_spec(name: str, spec: dict[str, Any], registry: Any, where: str = "the run"):
+    """A stored prior: `PriorClass(**spec)` (its fitted buffers are loaded by the caller)."""
+    prior_cls = registry.prior(name)
+    try:
+        return prior_cls(**spec)
+    except (TypeError, ValueError) as exc:
+        raise ElbokitError(f"Cannot rebuild prior '{name}' from {where}: {exc}") from None
+
+
+def rebuild_prior(prior: Any, prior_cls: type) -> Any:
+    """`PriorClass(**prior.spec())` + the fitted state: exactly how a checkpoint restores it.
+
+    Training always runs on the rebuilt prior so that a resumed run computes with tensors of
+    the same layout (a fitted buffer may be column-major, e.g. a Cholesky factor, and kernels
+    round differently on other strides), and so that a prior whose spec() cannot rebuild it
+    is refused now rather than when the run is loaded."""
+    state = {k: v.detach().clone().contiguous() for k, v in prior.state_dict().items()}
+    try:
+        rebuilt = prior_cls(**prior.spec())
+        rebuilt.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ElbokitError(f"Prior '{prior.name}' cannot be rebuilt from its spec() {prior.spec()} and state: {exc}") from None
+    return rebuilt
+
+
+def load_prior_samples(path: str | Path, latent_dim: int) -> np.ndarray:
+    """Prior samples from .npy (an (n, L) array) or .npz (key `z`, `samples`, or its only array)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ElbokitError(f"Prior samples file not found: {path}.")
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                keys = archive.files
+                key = next((k for k in ("z", "samples") if k in keys), keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise ElbokitError(f"{path} holds {', '.join(keys) or 'no arrays'}; name the prior samples 'z' or 'samples'.")
+                arr = archive[key]
+        elif path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            raise ElbokitError(f"Prior samples must be a .npy or .npz file, got {path}.")
+    except ElbokitError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        reason = ("it holds Python objects, which elbokit never unpickles" if "allow_pickle" in str(exc)
+                  else str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__)
+        raise ElbokitError(f"Cannot read prior samples from {path}: {reason}; give an (n, {latent_dim}) numeric array saved with numpy.save.") from None
+    if arr.dtype.kind not in "biuf" or arr.ndim != 2 or arr.shape[0] == 0:
+        raise ElbokitError(f"The prior samples in {path} must be a non-empty numeric (n, {latent_dim}) array, got shape {arr.shape}.")
+    if arr.shape[1] != latent_dim:
+        raise ElbokitError(f"The prior samples in {path} have dimension {arr.shape[1]} but the latent dimension is {latent_dim} (--latent-dim).")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise ElbokitError(f"The prior samples in {path} have NaN or Inf in row {int(np.argmax(bad))} (0-based).")
+    return arr.astype(np.float64)
+
+
+def prior_samples_for(cfg: dict[str, Any], dataset: Any, prior_name: str) -> np.ndarray:
+    latent_dim = cfg["model"]["latent_dim"]
+    if cfg["prior"]["samples"]:
+        return load_prior_samples(cfg["prior"]["samples"], latent_dim)
+    if dataset.sample_latents is not None:
+        z = np.asarray(dataset.sample_latents(cfg["prior"]["n_samples"]))
+        if z.shape[1] != latent_dim:
+            raise ElbokitError(
+                f"Prior '{prior_name}' is fitted to the generator's latents, which have dimension {z.shape[1]}, "
+                f"but the model's latent dimension is {latent_dim}; make them equal or give --prior-samples FILE.npy.")
+        return z
+    raise ElbokitError(
+        f"Prior '{prior_name}' is fitted to prior samples and dataset '{dataset.name}' has no generator to draw "
+        f"them from: give --prior-samples FILE.npy (an (n, {latent_dim}) array) or [prior] samples = \"FILE.npy\" in the config.")
+
+
+def check_likelihood_support(cfg: dict[str, Any], splits: dict[str, Any]) -> None:
+    """A Bernoulli likelihood is a density only for data in [0, 1] (as the model sees it)."""
+    if str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli":
+        return
+    for name, split in splits.items():
+        outside = ((split.x < 0) | (split.x > 1)).any(dim=1).nonzero()
+        if len(outside):
+            raise ElbokitError(
+                f"The bernoulli likelihood needs data in [0, 1], but {name} row {int(outside[0])} is outside it "
+                "(after standardisation, if on); scale the data to [0, 1] with data.standardize = false, "
+                "or use recon.likelihood=mse or gaussian.")
+
+
+# -- the whole set ------------------------------------------------------------------------
+def load_data(cfg: dict[str, Any], registry: Any, stored: StoredRun | None = None):
+    """The dataset of `cfg`; for a stored run, checked against its record (size, file hash)."""
+    from .data import load_dataset
+
+    dcfg = cfg["data"]
+    from_file = stored is not None and bool(stored.data_info.get("source"))
+    options = None if from_file else config_mod.dataset_options(cfg)
+    dataset = load_dataset(dcfg["dataset"], options, seed=dcfg["seed"], registry=registry)
+    if stored is not None:
+        info = stored.data_info
+        if len(dataset) != info["n"] or dataset.dim != info["dim"]:
+            raise ElbokitError(f"The data '{dcfg['dataset']}' now has shape ({len(dataset)}, {dataset.dim}) but the run "
+                               f"was trained on ({info['n']}, {info['dim']}).")
+        if info.get("sha256"):
+            from .run import sha256_file
+
+            if sha256_file(dataset.meta["source"]) != info["sha256"]:
+                raise ElbokitError(f"The data file {dataset.meta['source']} has changed since the run was started (sha256 differs).")
+    return dataset
+
+
+def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: StoredRun | None = None) -> Components:
+    """Data splits, model, prior, objective and likelihood of `cfg` (a resolved config), on the
+    config's device; with `stored`, the split, standardiser and prior of that stored run.
+    Raises ElbokitError on any problem; writes nothing. The model is initialised from
+    `train.seed` (for a stored run, the checkpoint's tensors replace it)."""
+    from .data import Standardizer, make_split, split_indices
+    from .plugins import get_registry
+
+    registry = registry or get_registry()
+    device = resolve_device(cfg["train"]["device"])
+    dcfg = cfg["data"]
+    dataset = load_data(cfg, registry, stored)
+    if stored is not None:
+        indices, standardizer = stored.indices, stored.standardizer
+    else:
+        indices = split_indices(len(dataset), dcfg["seed"], tuple(dcfg["split"]))
+        train_x = dataset.x[indices["train"]]
+        standardizer = Standardizer.fit(train_x) if dcfg["standardize"] else Standardizer.identity(dataset.dim)
+    splits = {name: make_split(name, dataset, idx, standardizer, device) for name, idx in indices.items() if len(idx)}
+    check_likelihood_support(cfg, splits)
+
+    # The model is initialised first from the training seed, so the prior and terms
+    # (which may draw random numbers too) never change it.
+    seed_everything(cfg["train"]["seed"])
+    model = build_model(cfg, dataset.dim)
+    prior_name = cfg["prior"]["name"]
+    if stored is not None:
+        prior = prior_from_spec(stored.prior_name, stored.prior_spec, registry)
+    else:
+        from . import make_prior
+
+        prior_cls = registry.prior(prior_name)
+        options = dict(cfg["prior"]["options"])
+        if getattr(prior_cls, "needs_samples", False):
+            options["samples"] = prior_samples_for(cfg, dataset, prior_name)
+        elif cfg["prior"]["samples"]:
+            raise ElbokitError(f"Prior '{prior_name}' is not fitted to samples; drop --prior-samples or use gmm or samples.")
+        fitted = make_prior(prior_name, dim=cfg["model"]["latent_dim"], registry=registry, **options)
+        prior = rebuild_prior(fitted, prior_cls)
+    prior.attach(model)  # before the optimiser and before any checkpoint state
+    has_positives = splits["train"].x_pos is not None
+    objective = build_objective_for(cfg, prior, dataset.dim, len(indices["train"]), has_positives, registry)
+    model.to(device)
+    objective.to(device)
+    components = Components(config=cfg, device=device, dataset=dataset, indices=indices,
+                            standardizer=standardizer, splits=splits, model=model, prior=prior,
+                            objective=objective, likelihood=reconstruction_likelihood(objective),
+                            registry=registry, needs_positives="positives" in objective.needs() and has_positives)
+    if cfg["train"]["select"] == "elbo" and not prior.has_log_prob:
+        components.notes.append(f"Prior '{prior.name}' has no log_prob, so the validation -ELBO cannot be computed; "
+                                "early stopping and the best checkpoint use the objective's own validation loss.")
+    return components
+
+
+def build_from_record(cfg: dict[str, Any], data_dim: int, stored: StoredRun, registry: Any):
+    """(model, prior, objective) of a stored run without loading its data: what `load_run`
+    needs before the checkpoint's tensors are loaded into them."""
+    model = build_model(cfg, data_dim)
+    prior = prior_from_spec(stored.prior_name, stored.prior_spec, registry)
+    prior.attach(model)
+    objective = build_objective_for(cfg, prior, data_dim, stored.dataset_size, stored.has_positives, registry)
+    return model, prior, objective
