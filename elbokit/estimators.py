@@ -14,6 +14,7 @@ from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from torch import distributions as D
 from torch import nn
 
 if TYPE_CHECKING:
@@ -62,3 +63,68 @@ class Estimator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.quantity}/{self.name}"
+
+
+# ------------------------------------------------------------------ KL to the prior
+def analytic_kl(posterior: D.Distribution, prior_dist: D.Distribution | None) -> torch.Tensor | None:
+    """KL(q(z|x) || p(z)) per example by torch's registered rule, or None where there is none.
+
+    This is the one place that decides "analytic or not" for every KL to the prior (the `kl`
+    term's estimators, the validation pass, `elbokit evaluate` and the end-of-training summary).
+
+    Why the rule is *called* rather than looked up: torch's dispatch on the outer types is not
+    the answer. `Independent(Normal)` against `Independent(StudentT)` dispatches to the
+    registered (Independent, Independent) rule, which then recurses into the base pair and
+    raises `NotImplementedError` there; the (ExponentialFamily, ExponentialFamily) rule and the
+    (TransformedDistribution, TransformedDistribution) rule likewise raise at call time for
+    pairs they do not cover. Only calling `kl_divergence` resolves the rule down to the base
+    distributions exactly as torch will; `NotImplementedError` is torch's documented signal
+    for "no closed form". The call is the computation itself, so nothing is spent twice.
+    """
+    if prior_dist is None:
+        return None
+    try:
+        return D.kl_divergence(posterior, prior_dist)
+    except NotImplementedError:
+        return None
+
+
+def kl_to_prior(posterior: D.Distribution, z: torch.Tensor, prior: Prior,
+                estimator: str = "auto") -> tuple[torch.Tensor, str]:
+    """KL(q(z|x) || p(z)) per example, shape (B,), and how it was computed ("analytic" or "mc").
+
+    `estimator`: "analytic" (the closed form; raises IncompatibleError where there is none),
+    "mc" (log q(z|x) - log p(z) at the sample z, unbiased) or "auto" (analytic where torch has
+    a rule for the pair down to the base distributions, else mc). See `analytic_kl`.
+    """
+    if estimator not in ("analytic", "mc", "auto"):
+        raise ValueError(f"estimator must be analytic, mc or auto, got {estimator!r}")
+    if estimator != "mc":
+        value = analytic_kl(posterior, prior.distribution())
+        if value is not None:
+            return value, "analytic"
+        if estimator == "analytic":
+            from .errors import IncompatibleError
+
+            raise IncompatibleError(no_analytic_kl_sentence(prior))
+    return posterior.log_prob(z) - prior.log_prob(z), "mc"
+
+
+def no_analytic_kl_sentence(prior: Prior) -> str:
+    return (f"no closed-form KL is registered in torch.distributions between a Gaussian posterior and "
+            f"prior '{prior.name}' (down to its base distributions); use kl.estimator=mc (or auto).")
+
+
+def has_analytic_kl(prior: Prior) -> bool:
+    """Whether `analytic_kl` finds a closed form between elbokit's diagonal-Gaussian posterior
+    and `prior`, decided when an objective is built by calling it on a one-example probe
+    q = N(0, I) (the same call as in training, so the answer cannot differ)."""
+    if not prior.has_log_prob:
+        return False
+    dist = prior.distribution()
+    if dist is None:
+        return False
+    from .batch import gaussian_posterior
+
+    loc = prior._anchor.new_zeros(1, prior.dim)
+    return analytic_kl(gaussian_posterior(loc, torch.ones_like(loc)), dist) is not None

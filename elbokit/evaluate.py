@@ -123,14 +123,13 @@ def _normal_parts(q: D.Distribution) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def analytic_kl(q: D.Distribution, prior: Any) -> torch.Tensor | None:
-    """KL(q(z|x) || p(z)) per example by torch's registry, or None where no pair is registered."""
+    """KL(q(z|x) || p(z)) per example by torch's registry resolved to the base distributions
+    (`elbokit.estimators.analytic_kl`, the decision every KL to the prior uses), or None where
+    there is no closed form or no density."""
+    from .estimators import analytic_kl as closed_form
+
     dist = prior.distribution() if getattr(prior, "has_log_prob", True) else None
-    if dist is None:
-        return None
-    try:
-        return D.kl_divergence(q, dist)
-    except NotImplementedError:
-        return None
+    return closed_form(q, dist)
 
 
 def mean_and_se(values: torch.Tensor | np.ndarray) -> tuple[float, float]:

@@ -120,15 +120,13 @@ def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: 
 
 
 # -- validation --------------------------------------------------------------------------
-def kl_to_prior(batch: Any, prior: Any, prior_dist: Any) -> torch.Tensor:
-    """KL(q(z|x) || p(z)) per example: closed form where torch registers the pair, else the
-    one-sample Monte-Carlo estimate log q(z|x) - log p(z) at the batch's z."""
-    from torch.distributions import kl as tkl
+def kl_to_prior(batch: Any, prior: Any) -> torch.Tensor:
+    """KL(q(z|x) || p(z)) per example by the `auto` decision of `elbokit.estimators.kl_to_prior`:
+    closed form where torch has a rule down to the base distributions, else the one-sample
+    Monte-Carlo estimate log q(z|x) - log p(z) at the batch's z."""
+    from .estimators import kl_to_prior as decide
 
-    # _dispatch_kl returns NotImplemented (it does not raise) for an unregistered pair.
-    if prior_dist is not None and tkl._dispatch_kl(type(batch.posterior), type(prior_dist)) is not NotImplemented:
-        return tkl.kl_divergence(batch.posterior, prior_dist)
-    return batch.posterior.log_prob(batch.z) - prior.log_prob(batch.z)
+    return decide(batch.posterior, batch.z, prior, "auto")[0]
 
 
 @torch.no_grad()
@@ -145,7 +143,6 @@ def validation_metrics(setup: Setup, split: Any, seed: int) -> dict[str, float]:
     batch_size = setup.config["train"]["batch_size"]
     # Near-equal chunks (never a 1-row remainder, which batch estimators cannot handle).
     chunks = torch.arange(n, device=split.x.device).tensor_split(max(1, math.ceil(n / batch_size)))
-    prior_dist = setup.prior.distribution() if setup.prior.has_log_prob else None
     has_log_prob = setup.prior.has_log_prob
     devices = [split.x.device] if split.x.device.type == "cuda" else []
     sums = {"recon": 0.0, "kl": 0.0, "loss": 0.0}
@@ -158,7 +155,7 @@ def validation_metrics(setup: Setup, split: Any, seed: int) -> dict[str, float]:
             batch = model(x, x_pos, dataset_size=setup.objective.dataset_size)
             totals["recon"] += (-setup.likelihood.log_prob(x, batch.x_recon)).sum()
             if has_log_prob:
-                totals["kl"] += kl_to_prior(batch, setup.prior, prior_dist).sum()
+                totals["kl"] += kl_to_prior(batch, setup.prior).sum()
             totals["loss"] += objective(batch).loss * len(idx)
     sums = {k: float(v) / n for k, v in totals.items()}
     model.train(was_training)

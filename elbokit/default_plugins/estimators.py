@@ -9,11 +9,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import distributions as D
 
 from elbokit.batch import Batch
 from elbokit.errors import ElbokitError
-from elbokit.estimators import Estimator
+from elbokit.estimators import Estimator, has_analytic_kl, kl_to_prior, no_analytic_kl_sentence
 from elbokit.hookspecs import hookimpl
 from elbokit.ops import LOG_2PI, log_unit_ball_volume, logsumexp_gaussian_mixture, pairwise_gaussian_log_density
 from elbokit.priors import Prior
@@ -34,19 +33,11 @@ def _chunk(chunk: int) -> int:
     return int(chunk)
 
 
-def _has_analytic_kl(posterior: type, prior_dist: D.Distribution | None) -> bool:
-    if prior_dist is None:
-        return False
-    try:
-        # _dispatch_kl returns NotImplemented (it does not raise) when no pair is registered.
-        return D.kl._dispatch_kl(posterior, type(prior_dist)) is not NotImplemented
-    except NotImplementedError:
-        return False
-
-
 # ----------------------------------------------------------------------------- KL(q(z|x)||p)
+# All three go through elbokit.estimators.kl_to_prior, the one decision "closed form or Monte
+# Carlo" that validation, evaluation and the summary use too.
 class AnalyticKL(Estimator):
-    """Closed-form KL(q(z|x) || p(z)) via torch.distributions.kl_divergence."""
+    """Closed-form KL(q(z|x) || p(z)) by torch.distributions.kl_divergence, resolved to the base distributions."""
 
     quantity, name, kind = "kl", "analytic", "exact"
 
@@ -55,13 +46,12 @@ class AnalyticKL(Estimator):
             # mc and auto need the density too: point at what does work.
             return (f"prior '{prior.name}' has no density, so no KL to it can be computed; use a prior "
                     "with a density such as 'gmm', or the 'ed' terms with xent.estimator=knn.")
-        if not _has_analytic_kl(D.Independent, prior.distribution()):
-            return (f"no closed-form KL is registered for a Gaussian posterior and prior '{prior.name}'; "
-                    "use kl.estimator=mc (or auto).")
+        if not has_analytic_kl(prior):
+            return no_analytic_kl_sentence(prior)
         return None
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
-        return D.kl_divergence(batch.posterior, prior.distribution())
+        return kl_to_prior(batch.posterior, batch.z, prior, "analytic")[0]
 
 
 class MonteCarloKL(Estimator):
@@ -71,20 +61,17 @@ class MonteCarloKL(Estimator):
     needs = frozenset({"prior_log_prob"})
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
-        return batch.posterior.log_prob(batch.z) - prior.log_prob(batch.z)
+        return kl_to_prior(batch.posterior, batch.z, prior, "mc")[0]
 
 
 class AutoKL(Estimator):
-    """Analytic KL where torch has the pair registered, else Monte Carlo."""
+    """Analytic KL where torch has a rule for the pair down to the base distributions, else Monte Carlo."""
 
     quantity, name = "kl", "auto"
     needs = frozenset({"prior_log_prob"})
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
-        dist = prior.distribution()
-        if _has_analytic_kl(type(batch.posterior), dist):
-            return D.kl_divergence(batch.posterior, dist)
-        return batch.posterior.log_prob(batch.z) - prior.log_prob(batch.z)
+        return kl_to_prior(batch.posterior, batch.z, prior, "auto")[0]
 
 
 # ------------------------------------------------------------------------------- H[q(z)]
