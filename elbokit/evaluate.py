@@ -35,6 +35,7 @@ import torch
 from torch import distributions as D
 
 from .errors import ElbokitError
+from .metrics import EVALUATION, range_notes
 from .ops import log_unit_ball_volume, logsumexp_gaussian_mixture
 
 DEFAULT_IW_SAMPLES = 1000
@@ -60,21 +61,16 @@ KNN_K = 3
 KNN_PRIOR_SAMPLES = 10000
 """k and the number of prior samples of the k-NN cross-entropy for a sample-only prior."""
 
-BOUNDS = {
-    "elbo": "lower bound on log p(x)",
-    "iwae": "lower bound on log p(x), at least the ELBO in expectation, tighter as K grows",
-    "exact_loglik": "exact log p(x) of the data-generating distribution",
-    "paper_elbo": "not a bound: -paper_mse - paper_kld, as the paper's Table II computes it",
-}
+def _bounds() -> dict[str, str]:
+    """{name: what it bounds} of the evaluation metrics that are bounds or not-bounds, from
+    the table of metric names (`elbokit.metrics`)."""
+    return {m.name: m.note or m.kind for m in EVALUATION.values()
+            if m.kind in ("lower bound", "exact", "not a bound")}
 
-UNITS = {
-    "elbo, iwae, recon, exact_loglik": "nats per example, original data units "
-                                       "(model-space log-densities + log_abs_det_jacobian)",
-    "kl, mi, marginal_kl, entropy, cross_entropy, identity_gap, paper_kld": "nats per example, latent space",
-    "mse": "squared error summed over data dimensions, mean over examples and z ~ q(z|x), original data units",
-    "paper_mse": "squared error summed over data dimensions, mean over examples and z ~ q(z|x), "
-                 "model (standardised) space, as the paper computes it",
-}
+
+def _units() -> dict[str, str]:
+    """{name: units} of every evaluation metric, from `elbokit.metrics`."""
+    return {m.name: m.units for m in EVALUATION.values()}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -384,9 +380,9 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
 
     put("mi", surgery["mi"])
     report["mi_max"] = math.log(n)  # I_q(x;z) of an N-point mixture is at most log N
-    put("entropy", surgery["entropy"])
-    put("cross_entropy", surgery["cross_entropy"])
-    report["cross_entropy_estimator"] = surgery["cross_entropy_estimator"]
+    put("aggregate_entropy", surgery["entropy"])
+    put("aggregate_cross_entropy", surgery["cross_entropy"])
+    report["aggregate_cross_entropy_estimator"] = surgery["cross_entropy_estimator"]
     put("marginal_kl", surgery["cross_entropy"] - surgery["entropy"])
     if iw["kl"] is not None and surgery["kl_mc"] is not None:
         # kl - (mi + marginal_kl) = kl - kl_mc per example: zero in expectation; the SE is the
@@ -427,11 +423,13 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
     if report["kl"] is None:
         unavailable["paper_kld"] = unavailable["paper_elbo"] = no_density
 
-    report["units"] = {**UNITS, "log_abs_det_jacobian": ladj,
+    report["units"] = {**_units(), "log_abs_det_jacobian": ladj,
                        "space": "standardised model space mapped to original units" if standardizer is not None
                        else "original data units (no standardiser)"}
-    report["bounds"] = dict(BOUNDS)
+    report["bounds"] = _bounds()
     report["unavailable"] = unavailable
+    # Estimates that left their quantity's true range (a marginal KL below 0, ...), with their SE.
+    report["notes"] = range_notes(report)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 

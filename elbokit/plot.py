@@ -40,18 +40,20 @@ def _save(fig: Any, path: Path) -> Path:
 
 def plot_terms(run: Any, out_dir: Path) -> Path:
     """One panel per training term (unweighted batch means), plus the validation metrics."""
-    records = run.metrics()
+    from .metrics import flat_record, term_losses
+
+    records = [flat_record(r) for r in run.metrics()]  # old and current metric names alike
     if not records:
         raise ElbokitError(f"{run.run_dir} has no metrics yet (metrics.jsonl is empty): train at least one epoch first.")
     plt = _pyplot()
     epochs = [r["epoch"] for r in records]
-    names = list(records[0]["train"]["terms"])
-    panels = [(f"train {n}", [r["train"]["terms"][n] for r in records]) for n in names]
-    panels.append(("train loss (weighted sum)", [r["train"]["loss"] for r in records]))
-    for key, label in (("neg_elbo", "val -ELBO"), ("loss", "val loss")):
-        values = [r["val"].get(key) for r in records]
+    names = list(term_losses(records[0]))
+    panels = [(f"train_loss_{n}", [term_losses(r)[n] for r in records]) for n in names]
+    panels.append(("train_loss (weighted sum)", [r["train_loss"] for r in records]))
+    for key in ("val_neg_elbo", "val_loss"):
+        values = [r.get(key) for r in records]
         if all(v is not None for v in values):
-            panels.append((label, values))
+            panels.append((key, values))
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)

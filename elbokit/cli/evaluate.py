@@ -9,32 +9,10 @@ import typer
 
 from .common import console, handle_errors, print_json
 
-# (key, label, kind) in the order the table shows them. `kind` says what the number is.
-ROWS = [
-    ("elbo", "ELBO", "lower bound"),
-    ("iwae", "IWAE (K samples)", "lower bound, >= ELBO"),
-    ("exact_loglik", "exact log p(x)", "exact"),
-    ("recon", "reconstruction -E log p(x|z)", "estimate"),
-    ("kl", "KL(q(z|x) || p(z))", "estimate"),
-    ("mi", "I_q(x; z)", "estimate"),
-    ("marginal_kl", "KL(q(z) || p(z))", "estimate"),
-    ("entropy", "H[q(z)]", "estimate"),
-    ("cross_entropy", "H[q(z), p(z)]", "estimate"),
-    ("identity_gap", "kl - (mi + marginal_kl)", "check: ~0"),
-    ("mse", "MSE", "estimate"),
-    ("active_units", "active units", "count"),
-    ("latent_r2", "latent R^2 (cross-validated)", "estimate"),
-    ("paper_mse", "paper MSE", "paper's metric"),
-    ("paper_kld", "paper KLD", "paper's metric"),
-    ("paper_elbo", "paper ELBO = -MSE - KLD", "NOT a bound"),
-]
-
-UNIT_OF = {
-    "elbo": "nats, original units", "iwae": "nats, original units", "exact_loglik": "nats, original units",
-    "recon": "nats, original units", "kl": "nats", "mi": "nats", "marginal_kl": "nats", "entropy": "nats",
-    "cross_entropy": "nats", "identity_gap": "nats", "mse": "original units", "paper_mse": "model space",
-    "paper_kld": "nats", "paper_elbo": "mixed",
-}
+# The order the table shows them; labels, kinds and units come from `elbokit.metrics`.
+ROWS = ["elbo", "iwae", "exact_loglik", "recon", "kl", "mi", "marginal_kl", "aggregate_entropy",
+        "aggregate_cross_entropy", "identity_gap", "mse", "active_units", "latent_r2", "paper_mse", "paper_kld",
+        "paper_elbo"]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -50,29 +28,43 @@ def print_report(report: dict[str, Any], title: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, caption="Per example. ELBO <= IWAE <= log p(x); the paper's "
+    from elbokit.metrics import EVALUATION, normalize_report
+
+    report = normalize_report(report)
+    table = Table(title=title, caption="Nats per example (data: original data units; latent: latent space). ELBO <= IWAE <= log p(x); the paper's "
                   "'ELBO' = -MSE - KLD is not a bound and does not rank models.")
-    for col in ("metric", "value", "± SE", "kind", "units"):
-        table.add_column(col, overflow="fold")
-    for key, label, kind in ROWS:
+    # Columns wrap between words; names and numbers are never broken.
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it is", min_width=11)
+    table.add_column("value ± SE", no_wrap=True, justify="right")
+    table.add_column("kind; units", min_width=11)
+    for key in ROWS:
+        m = EVALUATION[key]
+        label, kind = m.label, ("NOT a bound" if m.kind == "not a bound" else m.kind)
         if key == "iwae":
             label = f"IWAE (K={report['iw_samples']})"
         if key == "active_units":
             value = f"{report['active_units']} of {report['latent_dim']}"
         else:
-            value = _fmt(report.get(key))
-        se = _fmt(report.get(f"{key}_se"))
+            value = _fmt(report.get(key), 3)
+        se = _fmt(report.get(f"{key}_se"), 3)
+        if se != "n/a":
+            value = f"{value} ± {se}"
         if key == "kl" and report.get("kl_estimator"):
-            kind = f"{report['kl_estimator']}"
-        if key == "cross_entropy" and report.get("cross_entropy_estimator"):
-            kind = report["cross_entropy_estimator"]
-        if key == "mi":
+            kind = "exact (analytic)" if report["kl_estimator"] == "analytic" else f"estimate ({report['kl_estimator']})"
+        if key == "aggregate_cross_entropy" and report.get("aggregate_cross_entropy_estimator"):
+            kind = f"estimate ({report['aggregate_cross_entropy_estimator']})"
+        if key == "mi" and report.get("mi_max") is not None:
             kind = f"<= log N = {report['mi_max']:.2f}"
+        if key in report.get("notes", {}):
+            kind += " (see note)"
         style = "bold" if key in ("elbo", "iwae", "exact_loglik") else ("dim" if key.startswith("paper_") else None)
-        table.add_row(*(escape(str(c)) for c in (label, value, se if se != "n/a" else "",
-                                                 kind, UNIT_OF.get(key, ""))), style=style)
+        table.add_row(*(escape(str(c)) for c in (key, label, value, f"{kind}; {m.short_units}")),
+                      style=style)
     out = console()
     out.print(table)
+    for key, note in report.get("notes", {}).items():
+        out.print(f"Note: {escape(note)}", highlight=False)
     for key, reason in report.get("unavailable", {}).items():
         out.print(f"{key}: n/a ({escape(reason)})", highlight=False)
 
