@@ -69,7 +69,7 @@ def run_elbokit(terms: str, prior: str, epochs: int, root: Path, tag: str) -> tu
     cfg = config_mod.resolve(overrides={
         "objective": {"terms": terms},
         "prior": {"name": prior},
-        "train": {"max_epochs": epochs, "patience": epochs + 1, "evaluate": False, "threads": 0},
+        "train": {"max_epochs": epochs, "patience": epochs + 1, "evaluate": False, "threads": torch.get_num_threads()},
         "output": {"out": str(root / tag)},
     })
     setup = prepare(cfg)

@@ -58,6 +58,7 @@ class Components:
     registry: Any
     needs_positives: bool
     notes: list[str] = field(default_factory=list)
+    checked: dict[str, Any] = field(default_factory=dict)  # what `precheck` found, e.g. {"auto": {...}}
 
 
 # -- single components --------------------------------------------------------------------
@@ -69,6 +70,38 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ElbokitError("--device mps was asked for but MPS is not available here; use --device cpu or auto.")
     return torch.device(name)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity mask and its cgroup CPU quota (what SLURM,
+    docker and Kubernetes set), via joblib's `cpu_count` (loky reads both; it ships with
+    scikit-learn, a dependency already)."""
+    import joblib
+
+    return max(1, int(joblib.cpu_count()))
+
+
+def default_threads() -> tuple[int, str]:
+    """(threads, where the number comes from) for `train.threads = 0`: OMP_NUM_THREADS when the
+    user set it (a scheduler starting several trainings sets it to share the cores), else the
+    CPUs this process may use."""
+    import os
+
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    return available_cpus(), "cpus available to the process (affinity, cgroup quota)"
+
+
+def resolve_threads(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """`cfg` with `train.threads = 0` (auto) replaced by the effective count, so that config.toml
+    records what ran (and a re-run or resume from it uses the same count, on which the numbers
+    depend); returns (config, where the count comes from)."""
+    if cfg["train"]["threads"] > 0:
+        return cfg, "train.threads"
+    threads, source = default_threads()
+    out = {**cfg, "train": {**cfg["train"], "threads": threads}}
+    return out, source
 
 
 def seed_everything(seed: int) -> None:
@@ -290,3 +323,142 @@ def build_from_record(cfg: dict[str, Any], data_dim: int, stored: StoredRun, reg
     prior.attach(model)
     objective = build_objective_for(cfg, prior, data_dim, stored.dataset_size, stored.has_positives, registry)
     return model, prior, objective
+
+
+# -- the checks before a run directory exists ----------------------------------------------
+def check_contracts(components: Components) -> None:
+    """THE call site of the plugin-contract checks (`elbokit.contracts.check_objective`, written
+    with the plugin contracts): run on the built objective before anything is written. Until
+    that module exists there is nothing more to check here."""
+    try:
+        from .contracts import check_objective  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    check_objective(components.objective)
+
+
+def auto_choices(components: Components, posterior: Any) -> dict[str, str]:
+    """What each `auto` estimator resolves to for this prior and this model's posterior:
+    {term: choice}. Mirrors the rules of the built-in `auto` estimators (kl: analytic where
+    torch registers the pair, else mc; cross_entropy: analytic for the standard normal, mc for a
+    prior with log_prob, else knn) so the summary can say which one ran."""
+    from torch.distributions import kl as tkl
+
+    prior = components.prior
+    out: dict[str, str] = {}
+    for name, term in components.objective.terms.items():
+        estimator = getattr(term, "estimator", None)
+        if estimator is None or estimator.name != "auto":
+            continue
+        if term.quantity == "kl":
+            dist = prior.distribution() if prior.has_log_prob else None
+            # _dispatch_kl returns NotImplemented (it does not raise) for an unregistered pair.
+            analytic = dist is not None and tkl._dispatch_kl(type(posterior), type(dist)) is not NotImplemented
+            out[name] = "analytic" if analytic else "mc"
+        elif term.quantity == "cross_entropy":
+            out[name] = "analytic" if prior.name == "standard-normal" else "mc" if prior.has_log_prob else "knn"
+    return out
+
+
+def _validation_chunk(n: int, batch_size: int) -> int:
+    """The smallest chunk the validation pass uses (near-equal chunks of at most batch_size)."""
+    import math
+
+    return n // max(1, math.ceil(n / batch_size))
+
+
+def precheck(components: Components) -> dict[str, Any]:
+    """Everything that can fail in a run, tried before its directory exists: the split sizes,
+    the contract checks, one forward and backward pass on a training batch of the run's batch
+    size (a batch estimator's limits, e.g. knn's k < batch or mss's batch >= 2, depend on it:
+    a smaller "tiny" batch would refuse good configs and pass bad ones) and one validation
+    forward pass of the smallest validation chunk. The model, objective, gradients and every
+    random stream are left exactly as they were, so a checked run computes the same numbers
+    as an unchecked one. Returns what was learnt: {"auto": {term: estimator chosen}}."""
+    cfg = components.config
+    splits = components.splits
+    n_train = len(components.indices["train"])
+    if n_train == 0:
+        raise ElbokitError("The training split is empty: use more data (e.g. --n) or a larger training fraction (data.split).")
+    if "val" not in splits:
+        raise ElbokitError("The validation split is empty; early stopping and the best checkpoint need it: "
+                           "use more data (e.g. --n) or a larger validation fraction (data.split).")
+    n_test = len(components.indices.get("test", ()))
+    if cfg["train"]["evaluate"] and n_test == 1:
+        raise ElbokitError("The test split has 1 row and the evaluation at the end needs at least 2: use more data "
+                           "(e.g. --n), a larger test fraction (data.split) or --no-evaluate.")
+    check_contracts(components)
+
+    model, objective = components.model, components.objective
+    batch_size = min(cfg["train"]["batch_size"], n_train)
+    states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (model, objective)]
+    was_training = model.training, objective.training
+    np_state, py_state = np.random.get_state(), random.getstate()
+    devices = [components.device] if components.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            train = splits["train"]
+            x_pos = train.x_pos[:batch_size] if components.needs_positives else None
+            model.train()
+            objective.train()
+            batch = model(train.x[:batch_size], x_pos, dataset_size=objective.dataset_size)
+            objective(batch).loss.backward()
+            choices = auto_choices(components, batch.posterior)
+            val = splits["val"]
+            rows = _validation_chunk(val.x.shape[0], cfg["train"]["batch_size"])
+            model.eval()
+            objective.eval()
+            try:
+                with torch.no_grad():
+                    vbatch = model(val.x[:rows], val.x_pos[:rows] if components.needs_positives else None,
+                                   dataset_size=objective.dataset_size)
+                    objective(vbatch)
+            except ElbokitError as exc:
+                raise ElbokitError(f"{str(exc).rstrip('.')} (on the validation split, {val.x.shape[0]} rows, taken in "
+                                   f"chunks of {rows}): use more data or a larger validation fraction (data.split).") from None
+    finally:
+        for module, state in zip((model, objective), states):
+            module.load_state_dict(state)
+            module.zero_grad(set_to_none=True)
+        model.train(was_training[0])
+        objective.train(was_training[1])
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {"auto": choices}
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The JSON-able keyword defaults of `cls.__init__` (the options a user did not set)."""
+    import inspect
+
+    out = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name in ("self", "registry", "data_dim") or p.default is inspect.Parameter.empty:
+            continue
+        if isinstance(p.default, (str, int, float, bool)) or p.default is None:
+            out[name] = p.default
+    return out
+
+
+def describe_objective(components: Components) -> list[dict[str, Any]]:
+    """Each term as it ran: name, weight, every option (set or default), its estimator and,
+    for `auto`, the estimator it chose (from `precheck`)."""
+    objective, registry = components.objective, components.registry
+    options, _ = split_term_config(components.config, components.dataset.dim, registry)
+    chosen = components.checked.get("auto", {})
+    rows = []
+    for name, term in objective.terms.items():
+        term_cls = registry.term(name)
+        given = {k: v for k, v in options.get(name, {}).items() if k != "data_dim"}
+        row: dict[str, Any] = {"name": name, "weight": float(objective.weights[name])}
+        estimator = getattr(term, "estimator", None)
+        opts = {k: v for k, v in _defaults(term_cls).items() if k != "estimator"}
+        if estimator is not None:
+            row["estimator"] = estimator.name
+            opts.update(_defaults(type(estimator)))
+            if name in chosen:
+                row["estimator_chosen"] = chosen[name]
+        opts.update({k: v for k, v in given.items() if k != "estimator"})
+        row["options"] = opts
+        rows.append(row)
+    return rows

@@ -41,8 +41,13 @@ def _num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _whole(value: Any) -> bool:
+    """A whole number: int, or a float equal to one (never NaN or Inf, which int() rejects)."""
+    return _num(value) and math.isfinite(value) and float(value) == int(value)
+
+
 def positive_int(name: str, value: Any) -> int:
-    if not (_num(value) and float(value) == int(value) and value > 0):
+    if not (_whole(value) and value > 0):
         raise ElbokitError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
 
@@ -52,13 +57,13 @@ def optional_positive_int(name: str, value: Any) -> int | None:
 
 
 def non_negative_int(name: str, value: Any) -> int:
-    if not (_num(value) and float(value) == int(value) and value >= 0):
+    if not (_whole(value) and value >= 0):
         raise ElbokitError(f"{name} must be a non-negative integer, got {value!r}.")
     return int(value)
 
 
 def any_int(name: str, value: Any) -> int:
-    if not (_num(value) and float(value) == int(value)):
+    if not _whole(value):
         raise ElbokitError(f"{name} must be an integer, got {value!r}.")
     return int(value)
 
@@ -184,7 +189,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "select": Key("elbo", one_of("elbo", "loss"), "validation metric for early stopping and the best checkpoint: elbo (-ELBO, the same for every objective) or loss (the objective's own)", "--select"),
         "grad_clip": Key(0.0, non_negative_float, "clip the gradient norm to this value (0: no clipping)", "--grad-clip"),
         "device": Key("cpu", device_check, "cpu, cuda, cuda:N or auto", "--device"),
-        "threads": Key(1, non_negative_int, "CPU threads for torch (0: torch's default, all cores); 1 keeps the numbers independent of the machine's core count and is the fastest for the paper's small MLP when other jobs share the cores", "--threads"),
+        "threads": Key(0, non_negative_int, "CPU threads for torch; 0 (the default): OMP_NUM_THREADS if set, else the CPUs this process may use (affinity, cgroup quota), recorded as the number in the run's config.toml; 1 gives numbers bit-identical across machines of the same CPU type and torch build", "--threads"),
         "val_seed": Key(1234, any_int, "seed of the Monte-Carlo draws of the validation metric, so it is deterministic", None),
         "evaluate": Key(True, boolean, "evaluate the best checkpoint on the test split at the end (when elbokit.evaluate is installed)", "--evaluate/--no-evaluate"),
         "checkpoint_seconds": Key(10.0, non_negative_float, "write checkpoints at most this often during training (0: after every epoch); always at the end, on Ctrl-C/SIGTERM and before a divergence stops the run. A SIGKILL loses at most this much training, which a resume replays exactly", "--checkpoint-seconds"),
@@ -288,6 +293,11 @@ def _fill_dataset_defaults(cfg: dict[str, Any]) -> None:
     name = cfg["data"]["dataset"]
     if name not in registry.datasets:
         return
+    # `--data-option n=500` is the generator key n: record it there (the effective value), not
+    # beside a default n that the option silently overrides.
+    for key in DATASET_KEYS:
+        if key in cfg["data"]["options"]:
+            cfg["data"][key] = _dataset_key_checks()[key](f"data.options.{key}", cfg["data"]["options"].pop(key))
     params = inspect.signature(registry.dataset(name).loader).parameters
     for key in DATASET_KEYS:
         if cfg["data"][key] is None and key in params:
@@ -296,6 +306,10 @@ def _fill_dataset_defaults(cfg: dict[str, Any]) -> None:
                 default = cfg["model"]["latent_dim"]
             if default is not inspect.Parameter.empty and isinstance(default, (int, float)):
                 cfg["data"][key] = default
+
+
+def _dataset_key_checks() -> dict[str, Callable[[str, Any], Any]]:
+    return {key: SCHEMA["data"][key].check for key in DATASET_KEYS}
 
 
 def dataset_options(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -412,7 +412,7 @@ def provenance(components: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def run_metadata(components: Any, *, threads: int | None = None, world_size: int = 1) -> dict[str, Any]:
+def run_metadata(components: Any, *, threads_from: str = "train.threads", world_size: int = 1) -> dict[str, Any]:
     """run.json: what made this run, beside what it computed (config.toml, summary.json)."""
     import datetime as _dt
     import platform
@@ -426,7 +426,7 @@ def run_metadata(components: Any, *, threads: int | None = None, world_size: int
         "host": socket.gethostname(),
         "versions": {"elbokit": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
-        "threads": threads if threads is not None else torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "threads_from": threads_from,
         "world_size": world_size,
         "device": str(components.device),
         "components": provenance(components),

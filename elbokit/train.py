@@ -31,9 +31,10 @@ from typing import Any, Protocol
 import torch
 
 from . import config as config_mod
+from . import build
 from . import run as run_mod
 from .build import (  # noqa: F401 - also importable from here, as before build.py existed
-    Components, build_components, load_prior_samples, prior_samples_for, rebuild_prior, seed_everything)
+    Components, build_components, load_prior_samples, precheck, prior_samples_for, rebuild_prior, seed_everything)
 from .errors import ElbokitError
 
 # Keys that may change when a run is resumed (they do not change what was already computed).
@@ -92,20 +93,24 @@ class Setup(Components):
 
     run_dir: Path | None = None
     resume_from: Path | None = None
+    threads_from: str = "train.threads"  # where the thread count came from (run.json)
+    resume_action: str | None = None  # see _resume_action
 
 
 # -- preparing ---------------------------------------------------------------------------
 def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: Any = None) -> Setup:
     """Build and check the data, prior, model and objective of `cfg` (resolved), or of the run
     `resume`, through `elbokit.build`; raise ElbokitError on any problem. Writes nothing."""
-    stored = None
+    stored, action = None, None
     if resume is not None:
         rd = run_mod.RunDir(resume)
         if not rd.checkpoint_path("last").is_file():
             rd.read_config()  # the clearer error first, when it is not a run at all
             raise ElbokitError(f"{rd.path} has no checkpoint to resume from (checkpoints/last.safetensors is missing).")
-        stored = rd.stored_run("last")
+        _, meta = rd.read_checkpoint("last")
+        stored = rd.stored_run(meta=meta)
         run_dir = rd.path
+        action = _resume_action(meta, rd.read_config()["train"], cfg["train"])
     else:
         run_dir = Path(cfg["output"]["out"]) if cfg["output"]["out"] else run_mod.default_run_dir()
         run_mod.check_new_run_dir(run_dir)
@@ -115,8 +120,21 @@ def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: 
         if importlib.util.find_spec("tensorboard") is None:
             raise ElbokitError("--tensorboard needs the optional tensorboard package: pip install 'elbokit[tensorboard]' (or pip install tensorboard).")
     components = build_components(cfg, registry=registry, stored=stored)
+    components.checked = precheck(components)
     return Setup(**{f.name: getattr(components, f.name) for f in fields(Components)}, run_dir=run_dir,
-                 resume_from=run_mod.checkpoint_path(run_dir, "last") if resume is not None else None)
+                 resume_from=run_mod.checkpoint_path(run_dir, "last") if resume is not None else None,
+                 resume_action=action)
+
+
+def _resume_action(state: dict[str, Any], stored: dict[str, Any], asked: dict[str, Any]) -> str:
+    """What resuming a run does, from its last checkpoint's state, its stored [train] config and
+    the resumed one: "continue" (epochs are left), "extend" (stopped by patience, and a larger
+    max_epochs was asked for: the patience counter starts again from 0), or "complete"
+    (nothing is left to do; the run and its summary stay as they are)."""
+    if state["bad_epochs"] >= asked["patience"]:
+        asked_more = asked["max_epochs"] != stored["max_epochs"] and asked["max_epochs"] > state["epoch"]
+        return "extend" if asked_more else "complete"
+    return "continue" if state["epoch"] < asked["max_epochs"] else "complete"
 
 
 # -- validation --------------------------------------------------------------------------
@@ -199,18 +217,37 @@ def train(config: dict[str, Any] | None = None, *, resume: str | Path | None = N
         cfg = resume_config(resume, config)
     else:
         cfg = config if config is not None else config_mod.resolve()
-    # Reductions split across threads round differently, so the thread count is part of the
-    # config (and of a run's numbers); the caller's setting is restored afterwards.
-    previous_threads = torch.get_num_threads()
-    if cfg["train"]["threads"] > 0:
-        torch.set_num_threads(cfg["train"]["threads"])
-    try:
+    with _threads(cfg) as (cfg, threads_from):
         setup = prepare(cfg, resume=resume, registry=registry)
+        setup.threads_from = threads_from
         for note in setup.notes:
             reporter.note(note)
         return Trainer(setup, reporter).fit()
+
+
+def check(config: dict[str, Any] | None = None, *, resume: str | Path | None = None, registry: Any = None) -> Setup:
+    """Every check `train` makes before it writes anything (build, contracts, one training
+    step on a batch), with the same threads; writes nothing. `setup.config` is the config that
+    would be recorded and `setup.run_dir` where the run would go (`elbokit train --print-config`)."""
+    cfg = resume_config(resume, config) if resume is not None else (config or config_mod.resolve())
+    with _threads(cfg) as (cfg, threads_from):
+        setup = prepare(cfg, resume=resume, registry=registry)
+        setup.threads_from = threads_from
+        return setup
+
+
+@contextlib.contextmanager
+def _threads(cfg: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
+    """Run with the config's torch thread count (0: the default policy, `build.default_threads`),
+    the effective count written into the config; the caller's setting is restored afterwards.
+    Reductions split across threads round differently, so the count is part of a run's numbers."""
+    cfg, threads_from = build.resolve_threads(cfg)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cfg["train"]["threads"])
+    try:
+        yield cfg, threads_from
     finally:
-        torch.set_num_threads(previous_threads)
+        torch.set_num_threads(previous)
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -259,7 +296,7 @@ class Trainer:
         checkpoints/last at epoch 0) and locked, or absent: see `RunDir.create`."""
         s = self.setup
         return run_mod.RunDir.create(s.run_dir, config=s.config, dataset=s.dataset, indices=s.indices,
-                                     standardizer=s.standardizer, metadata=run_mod.run_metadata(s),
+                                     standardizer=s.standardizer, metadata=run_mod.run_metadata(s, threads_from=s.threads_from),
                                      checkpoint=self.checkpoint_bytes())
 
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -345,6 +382,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (max_epochs or patience), writing the run directory; return the summary."""
         s = self.setup
+        if s.resume_action == "complete":
+            summary = run_mod.RunDir(s.run_dir).read_summary()
+            if summary is not None:  # finished: nothing to do, nothing written
+                return {**summary, "already_complete": True}
         if s.resume_from is not None:
             if self.run is None:
                 self.run = run_mod.RunDir.open(s.run_dir)
@@ -352,6 +393,8 @@ class Trainer:
                 self._restore(s.resume_from)
                 self.run.read_metrics()  # a damaged metrics.jsonl is refused before anything is written
                 self.run.begin_writing()
+                if s.resume_action == "extend":
+                    self.state["bad_epochs"] = 0  # a larger budget: patience counts again from here
                 self.run.truncate_metrics(self.state["epoch"])
                 self.run.write_config(s.config)  # records a changed max_epochs, lr, ...
             except BaseException:
@@ -545,6 +588,9 @@ class Trainer:
             "stopped_by": stopped, "train_seconds": round(st["train_seconds"], 3),
             "steps_per_second": round(steps_this_process / seconds_this_process, 2) if steps_this_process and seconds_this_process > 0 else None,
             "n_train": len(s.indices["train"]), "n_val": len(s.indices["val"]), "n_test": len(s.indices["test"]),
+            "objective": build.describe_objective(s),
+            "threads": torch.get_num_threads(), "threads_from": s.threads_from,
+            "versions": run_mod.run_metadata(s)["versions"],
         }
         if s.notes:
             summary["notes"] = list(s.notes)

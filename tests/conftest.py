@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import pytest
 
 os.environ.setdefault("ELBOKIT_DISABLE_PLUGINS", "1")
+# train.threads defaults to OMP_NUM_THREADS when set, else every CPU the process may use: the
+# suite pins one thread so its runs do not oversubscribe a shared machine (tests/test_run_dir.py
+# checks the default policy itself).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from elbokit import config
@@ -89,6 +89,8 @@ partial = st.dictionaries(st.sampled_from([*config.SCHEMA, "bogus"]),
 
 @settings(max_examples=150, deadline=None)
 @given(partial)
+@example({"train": {"seed": float("nan")}})  # found by this test on some runs only: now every run
+@example({"data": {"seed": float("inf"), "n": float("-inf")}})
 def test_any_config_is_a_valid_result_or_the_clean_error(cfg):
     try:
         out = config.resolve(cfg)
@@ -96,3 +98,12 @@ def test_any_config_is_a_valid_result_or_the_clean_error(cfg):
         assert "\n" not in str(exc)
         return
     assert config.resolve(tomllib.loads(config.dumps(out))) == out
+
+
+@pytest.mark.parametrize("section, key", [("train", "seed"), ("data", "seed"), ("data", "n"), ("train", "batch_size"),
+                                          ("train", "threads")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_inf_for_an_integer_key_is_one_line(section, key, value):
+    with pytest.raises(ElbokitError, match=fr"{key} (\(--[a-z-]+\) )?must be a") as info:
+        config.resolve({section: {key: value}})
+    assert "\n" not in str(info.value)

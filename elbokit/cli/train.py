@@ -144,7 +144,13 @@ def train(
         file_cfg = config_mod.load_toml(config) if config is not None else None
         cfg = config_mod.resolve(file_cfg, o, source=str(config) if config else "the config file")
     if print_config:
-        sys.stdout.write(config_mod.dumps(cfg))
+        from elbokit.train import check
+
+        setup = check(cfg, resume=resume)  # every check train makes before writing; writes nothing
+        sys.stdout.write(config_mod.dumps(setup.config))
+        verb = "continue in" if resume is not None else "be written to"
+        sys.stdout.write(f"# All checks passed; the run would {verb} {setup.run_dir} "
+                         f"({setup.config['train']['threads']} threads: {setup.threads_from}).\n")
         return
 
     reporter = SilentReporter() if quiet else RichReporter()
@@ -167,6 +173,15 @@ def train(
     except BaseException:
         reporter.stop()
         raise
+    if summary.get("already_complete"):
+        summary.pop("already_complete")
+        if json_output:
+            print_json(summary)
+        elif not quiet:
+            print(f"The run in {summary['run_dir']} is complete ({summary['epochs']} epochs, stopped by "
+                  f"{summary['stopped_by']}); nothing was changed. To train it further, resume with a larger "
+                  f"--max-epochs (more than {summary['epochs']}).")
+        return
     if json_output:
         print_json(summary)
     elif not quiet:

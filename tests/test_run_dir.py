@@ -1,0 +1,208 @@
+"""The run directory holds up: one writer at a time (an OS lock the kernel releases when the
+holder dies), readers never blocked, and the metadata says what made the run.
+
+The concurrent trainers are real processes: the test-only hook ELBOKIT_TEST_CRASH_AT
+(elbokit/io.py) makes the first one SIGSTOP itself in the middle of epoch 1, holding the lock,
+so the second one is started at a known moment without any sleep or timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ARGS = ["train", "--n", "300", "--hidden", "16", "--batch-size", "64", "--max-epochs", "3",
+        "--patience", "50", "--no-evaluate", "-q", "--checkpoint-seconds", "0"]
+
+
+def start_stopped_trainer(out, point="step:train:2:STOP"):
+    """`elbokit train --out OUT` in a subprocess, returned once it has stopped itself at `point`."""
+    env = {**os.environ, "ELBOKIT_TEST_CRASH_AT": point, "ELBOKIT_DISABLE_PLUGINS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from elbokit.cli import console_main; console_main()",
+                             *ARGS, "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops (or exits)
+    assert os.WIFSTOPPED(status), proc.communicate()
+    return proc
+
+
+def epochs(run_dir):
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid_and_host(tmp_path, run_cli):
+    out = tmp_path / "run"
+    first = start_stopped_trainer(out)
+    try:
+        second = run_cli("train", "--resume", out, "-q", "--checkpoint-seconds", "0")
+        assert second.exit_code == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ")
+        assert f"pid {first.pid} on host {socket.gethostname()}" in lines[0]
+        again = run_cli(*ARGS, "--out", out)  # the same --out twice
+        assert again.exit_code == 2 and "already exists" in again.stderr
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr.decode()
+    assert epochs(out) == [1, 2, 3]  # one line per epoch: the refused writer wrote nothing
+
+
+def test_sigkill_of_the_writer_leaves_no_stale_lock(tmp_path, run_cli):
+    out = tmp_path / "run"
+    first = start_stopped_trainer(out)
+    first.kill()  # SIGKILL while it holds the lock
+    first.communicate(timeout=60)
+    resumed = run_cli("train", "--resume", out, "-q", "--checkpoint-seconds", "0")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert epochs(out) == [1, 2, 3]
+
+
+def test_readers_never_take_the_lock_and_a_second_open_is_refused(tmp_path, run_cli):
+    from elbokit.run import RunDir, RunDirLocked, load_run
+
+    out = tmp_path / "run"
+    assert run_cli(*ARGS, "--max-epochs", "1", "--out", out).exit_code == 0
+    with RunDir.open(out) as writer:
+        assert writer.locked
+        # flock belongs to the open file description: a second open in this very process is refused too
+        with pytest.raises(RunDirLocked, match="being written by another process"):
+            RunDir.open(out)
+        reader = RunDir(out)
+        assert [r["epoch"] for r in reader.read_metrics()] == [1]
+        assert load_run(out).state["epoch"] == 1
+        with pytest.raises(RuntimeError, match="reading only"):
+            reader.write_summary({})
+    with RunDir.open(out) as again:  # released by close()
+        assert again.locked
+
+
+def test_run_json_names_versions_threads_and_each_components_plugin(tmp_path, run_cli):
+    import torch
+
+    import elbokit
+
+    out = tmp_path / "run"
+    assert run_cli(*ARGS, "--max-epochs", "1", "--terms", "ed", "--out", out).exit_code == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["versions"]["elbokit"] == elbokit.__version__
+    assert meta["versions"]["torch"] == torch.__version__
+    assert meta["world_size"] == 1 and meta["threads"] >= 1
+    kinds = {(c["kind"], c["name"]): c for c in meta["components"]}
+    assert kinds[("prior", "standard-normal")]["plugin"] == "elbokit.default_plugins.priors"
+    assert kinds[("dataset", "mixture")]["plugin"] == "elbokit.default_plugins.datasets"
+    assert kinds[("term", "entropy")]["plugin_version"] == elbokit.__version__
+    assert ("estimator", "entropy/mws") in kinds and ("estimator", "mi/infonce") in kinds
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "3"], "split"),
+    (["--terms", "ed", "-o", "entropy.estimator=knn", "-o", "entropy.k=50", "--batch-size", "16"], "larger than k=50"),
+    (["--terms", "ed", "-o", "entropy.estimator=mss", "--batch-size", "1"], "at least 2"),
+    (["--n", "12", "--terms", "ed"], "test split has 1 row"),
+])
+def test_each_pre_run_check_leaves_no_directory(tmp_path, run_cli, argv, message):
+    result = run_cli(*ARGS, *argv, "--evaluate", "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("Error: ") and message in result.stderr and result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    # --print-config runs the same checks
+    printed = run_cli(*ARGS, *argv, "--evaluate", "--out", tmp_path / "run", "--print-config")
+    assert printed.exit_code == 2 and message in printed.stderr
+
+
+def test_print_config_checks_and_says_where_the_run_would_go(tmp_path, run_cli):
+    import tomllib
+
+    result = run_cli(*ARGS, "--terms", "ed", "--out", tmp_path / "run", "--print-config")
+    assert result.exit_code == 0, result.stderr
+    assert f"the run would be written to {tmp_path / 'run'}" in result.stdout
+    assert tomllib.loads(result.stdout)["train"]["threads"] == 1  # OMP_NUM_THREADS=1 (conftest)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_precheck_changes_no_number(tmp_path):
+    """A checked run and the same run built without the check give identical weights."""
+    from elbokit import config
+    from elbokit.build import build_components, precheck
+
+    import random
+
+    import numpy as np
+    import torch
+
+    cfg = config.resolve(overrides={"objective": {"terms": "ed"}, "data": {"n": 300}, "model": {"hidden": [16]}})
+    plain = build_components(cfg)
+    draws_plain = (torch.rand(3), np.random.rand(3), random.random())
+    checked = build_components(cfg)
+    assert precheck(checked)["auto"] == {"xent": "analytic"}  # ed's xent with the standard normal
+    draws_checked = (torch.rand(3), np.random.rand(3), random.random())
+    assert all(p.grad is None for p in checked.model.parameters())
+    for a, b in zip([*plain.model.state_dict().values(), *plain.objective.state_dict().values()],
+                    [*checked.model.state_dict().values(), *checked.objective.state_dict().values()]):
+        assert torch.equal(a, b)
+    assert torch.equal(draws_plain[0], draws_checked[0]) and np.array_equal(draws_plain[1], draws_checked[1])
+    assert draws_plain[2] == draws_checked[2]
+
+
+def test_default_threads_follow_omp_num_threads_then_the_allowed_cpus(monkeypatch):
+    from elbokit import build, config
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert build.default_threads() == (3, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads, source = build.default_threads()
+    assert threads == len(os.sched_getaffinity(0)) or threads < len(os.sched_getaffinity(0))  # a cgroup quota only lowers it
+    assert threads >= 1 and "affinity" in source
+    cfg, _ = build.resolve_threads(config.resolve())
+    assert cfg["train"]["threads"] == threads
+    pinned, source = build.resolve_threads(config.resolve(overrides={"train": {"threads": 1}}))
+    assert pinned["train"]["threads"] == 1 and source == "train.threads"
+
+
+def test_summary_records_weights_options_estimator_choice_threads_and_versions(tmp_path, run_cli):
+    import torch
+
+    out = tmp_path / "run"
+    result = run_cli(*ARGS, "--max-epochs", "1", "--terms", "recon,kl:0.5,infonce,entropy,xent", "--prior", "gmm",
+                     "-o", "entropy.estimator=knn", "--data-option", "n=320", "--json", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    terms = {t["name"]: t for t in summary["objective"]}
+    assert terms["kl"]["weight"] == 0.5 and terms["recon"]["weight"] == 1.0
+    assert terms["entropy"]["estimator"] == "knn" and terms["entropy"]["options"]["k"] >= 1
+    assert terms["kl"]["estimator_chosen"] == "mc"  # a GMM prior has no analytic KL against a diagonal normal
+    assert terms["xent"]["estimator_chosen"] == "mc"
+    assert summary["threads"] == 1 and summary["versions"]["torch"] == torch.__version__
+    assert summary["n_train"] + summary["n_val"] + summary["n_test"] == 320
+    import tomllib
+
+    assert tomllib.loads((out / "config.toml").read_text())["data"]["n"] == 320  # the effective n
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, run_cli):
+    out = tmp_path / "run"
+    assert run_cli(*ARGS, "--max-epochs", "1", "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    again = run_cli("train", "--resume", out)
+    assert again.exit_code == 0 and "is complete" in again.stdout
+    after = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+
+
+def test_a_run_stopped_by_patience_continues_with_a_larger_budget(tmp_path, run_cli):
+    out = tmp_path / "run"
+    # lr 1e-12 is below the float32 spacing of the weights: nothing improves after epoch 1
+    assert run_cli(*ARGS, "--lr", "1e-12", "--patience", "1", "--out", out).exit_code == 0
+    assert epochs(out) == [1, 2]
+    same = run_cli("train", "--resume", out, "-q")
+    assert same.exit_code == 0 and epochs(out) == [1, 2]
+    more = run_cli("train", "--resume", out, "--max-epochs", "5", "-q", "--json")
+    assert more.exit_code == 0, more.stderr
+    assert epochs(out) == [1, 2, 3]  # the counter restarted: one more epoch without improvement
+    assert json.loads((out / "summary.json").read_text())["stopped_by"] == "patience"
