@@ -39,6 +39,19 @@ class StoredRun:
     prior_spec: dict[str, Any]
     dataset_size: int | None = None
     has_positives: bool | None = None
+    run_dir: Path | None = None
+
+    def data_file_candidates(self, given: str) -> list[Path]:
+        """Where a run's data file may be now: its absolute path when the run was made, the
+        same file relative to the run directory (a run moved together with its data), then the
+        path as given (relative to the working directory; older runs record only that)."""
+        info, out = self.data_info, []
+        if info.get("source_abs"):
+            out.append(Path(info["source_abs"]))
+        if info.get("source_from_run_dir") and self.run_dir is not None:
+            out.append(Path(self.run_dir) / info["source_from_run_dir"])
+        out.append(Path(given))
+        return list(dict.fromkeys(out))
 
 
 @dataclass
@@ -245,9 +258,17 @@ def load_data(cfg: dict[str, Any], registry: Any, stored: StoredRun | None = Non
     from .data import load_dataset
 
     dcfg = cfg["data"]
+    source = dcfg["dataset"]
     from_file = stored is not None and bool(stored.data_info.get("source"))
+    if from_file:
+        candidates = stored.data_file_candidates(source)
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise ElbokitError(f"Data file not found: the run was trained on {source}; looked for "
+                               f"{', '.join(map(str, candidates))}. Put the file back (the sha256 is checked).")
+        source = str(found)
     options = None if from_file else config_mod.dataset_options(cfg)
-    dataset = load_dataset(dcfg["dataset"], options, seed=dcfg["seed"], registry=registry)
+    dataset = load_dataset(source, options, seed=dcfg["seed"], registry=registry)
     if stored is not None:
         info = stored.data_info
         if len(dataset) != info["n"] or dataset.dim != info["dim"]:

@@ -215,7 +215,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_data_info(run_dir: Path, dataset: Any, indices: dict[str, np.ndarray], standardizer: Any) -> None:
+def save_data_info(run_dir: Path, dataset: Any, indices: dict[str, np.ndarray], standardizer: Any,
+                   final_dir: Path | None = None) -> None:
+    """data.safetensors. A data file is recorded as given, as an absolute path and relative to
+    the run directory (`final_dir`, where the run will live), so that the run finds it from any
+    working directory, and after being moved together with its data."""
     from safetensors.numpy import save
 
     arrays = {"standardizer.mean": np.asarray(standardizer.mean, dtype=np.float64),
@@ -226,7 +230,11 @@ def save_data_info(run_dir: Path, dataset: Any, indices: dict[str, np.ndarray], 
             "image_shape": list(dataset.image_shape) if dataset.image_shape else None,
             "source": dataset.meta.get("source")}
     if info["source"]:
+        import os
+
         info["sha256"] = sha256_file(info["source"])
+        info["source_abs"] = str(Path(info["source"]).resolve())
+        info["source_from_run_dir"] = os.path.relpath(info["source_abs"], Path(final_dir or run_dir).resolve())
     info["crc32"] = tensors_crc32(arrays)
     write_bytes(run_dir / "data.safetensors", save(arrays, metadata={META_KEY: json.dumps(info)}))
 
@@ -496,7 +504,8 @@ class RunDir:
         arrays, info = self.read_data_record()
         if meta is None:
             _, meta = self.read_checkpoint(which)
-        return StoredRun(indices={k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("indices.")},
+        return StoredRun(run_dir=self.path,
+                         indices={k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("indices.")},
                          standardizer=Standardizer(arrays["standardizer.mean"], arrays["standardizer.std"]),
                          data_info=info, prior_name=meta["prior"]["name"], prior_spec=meta["prior"]["spec"],
                          dataset_size=meta.get("dataset_size"), has_positives=meta.get("has_positives"))
@@ -528,7 +537,7 @@ class RunDir:
             (staging / "checkpoints").mkdir()
             write_config(staging, config)
             write_json(run.metadata_path, metadata)
-            save_data_info(staging, dataset, indices, standardizer)
+            save_data_info(staging, dataset, indices, standardizer, final_dir=path)
             run.metrics_path.write_text("")
             run.write_checkpoint("last", checkpoint)
             try:

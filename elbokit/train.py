@@ -61,6 +61,29 @@ class TrainingInterrupted(Exception):
         self.run_dir, self.epoch, self.step_in_epoch, self.signum = run_dir, epoch, step_in_epoch, signum
 
 
+class RunWriteFailed(Exception):
+    """An OS error (disk full, permissions, a read-only or vanished filesystem) while writing
+    the run directory. Not bad input and not a bug: the CLI exits with code 4 (EXIT_OS_ERROR).
+    Checkpoints are replaced atomically, so the last one written is intact and resumable."""
+
+    def __init__(self, run_dir: Path, written_epoch: int | None, cause: OSError):
+        import errno as _errno
+
+        what = f"{cause.strerror or cause}" + (f" ({_errno.errorcode.get(cause.errno, cause.errno)})" if cause.errno else "")
+        target = f" {cause.filename}" if getattr(cause, "filename", None) else ""
+        if written_epoch is None:
+            message = f"Could not create the run directory {run_dir}: {what}{':' if target else ''}{target}; nothing was written."
+        elif not run_mod.checkpoint_path(run_dir, "last").is_file():
+            message = (f"Could not write{target or ' the run directory'}: {what}; the run directory {run_dir} "
+                       "was removed or is no longer readable, so there is nothing to resume.")
+        else:
+            where = "the initial state" if written_epoch == 0 else f"epoch {written_epoch}"
+            message = (f"Could not write{target or ' the run directory'}: {what}; the last checkpoint ({where}) is "
+                       f"intact. Free space or fix the directory, then resume with: elbokit train --resume {run_dir}")
+        super().__init__(message)
+        self.run_dir, self.written_epoch, self.cause = run_dir, written_epoch, cause
+
+
 class _StopRequested(Exception):
     """Raised inside an epoch, at a step boundary, after SIGINT/SIGTERM; carries the epoch's progress."""
 
@@ -397,13 +420,21 @@ class Trainer:
                     self.state["bad_epochs"] = 0  # a larger budget: patience counts again from here
                 self.run.truncate_metrics(self.state["epoch"])
                 self.run.write_config(s.config)  # records a changed max_epochs, lr, ...
+            except OSError as exc:
+                self.run.close()
+                raise RunWriteFailed(s.run_dir, self._written_epoch, exc) from None
             except BaseException:
                 self.run.close()
                 raise
         else:
-            self.run = self._create_run_dir()
+            try:
+                self.run = self._create_run_dir()
+            except OSError as exc:
+                raise RunWriteFailed(s.run_dir, None, exc) from None
         try:
             return self._fit()
+        except OSError as exc:
+            raise RunWriteFailed(s.run_dir, self._written_epoch, exc) from None
         finally:
             self.run.close()
 

@@ -206,3 +206,92 @@ def test_a_run_stopped_by_patience_continues_with_a_larger_budget(tmp_path, run_
     assert more.exit_code == 0, more.stderr
     assert epochs(out) == [1, 2, 3]  # the counter restarted: one more epoch without improvement
     assert json.loads((out / "summary.json").read_text())["stopped_by"] == "patience"
+
+
+def _metrics_without_time(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_disk_full_mid_checkpoint_exits_4_keeps_the_last_and_resumes_to_the_same_numbers(tmp_path, run_cli, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from elbokit import io, run
+    from elbokit.run import load_run
+
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert run_cli(*ARGS, "--out", reference).exit_code == 0
+    real_write_bytes, calls = run.write_bytes, []
+
+    def disk_fills_up(path, data):
+        if Path(path).name == "last.safetensors":
+            calls.append(path)
+            if len(calls) == 3:  # the initial state, epoch 1, then epoch 2: half written, then ENOSPC
+                with io.atomic_write(path, "wb") as fh:
+                    fh.write(data[:len(data) // 2])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write_bytes(path, data)
+
+    monkeypatch.setattr(run, "write_bytes", disk_fills_up)
+    failed = run_cli(*ARGS, "--out", out)
+    monkeypatch.undo()
+    assert failed.exit_code == 4
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "No space left on device (ENOSPC)" in lines[0]
+    assert "the last checkpoint (epoch 1) is intact" in lines[0] and f"elbokit train --resume {out}" in lines[0]
+    assert not list(out.glob("**/.*.tmp"))  # the half-written temporary file is gone
+    assert load_run(out, "last").state["epoch"] == 1
+    resumed = run_cli("train", "--resume", out, "-q")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert _metrics_without_time(out) == _metrics_without_time(reference)
+    for which in ("best", "last"):
+        a = load_file(str(out / "checkpoints" / f"{which}.safetensors"))
+        b = load_file(str(reference / "checkpoints" / f"{which}.safetensors"))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), which
+
+
+def test_a_read_only_run_directory_at_resume_is_exit_4(tmp_path, run_cli, monkeypatch):
+    import errno
+
+    from elbokit import run
+
+    out = tmp_path / "run"
+    assert run_cli(*ARGS, "--max-epochs", "1", "--out", out).exit_code == 0
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out / "config.toml"))
+
+    monkeypatch.setattr(run, "write_text", read_only)
+    failed = run_cli("train", "--resume", out, "--max-epochs", "2", "-q")
+    assert failed.exit_code == 4 and "Read-only file system (EROFS)" in failed.stderr
+    assert failed.stderr.count("\n") == 1 and "is intact" in failed.stderr
+
+
+def test_a_relative_data_path_works_from_another_directory_and_after_moving_the_run(tmp_path, run_cli, monkeypatch):
+    import numpy as np
+
+    project = tmp_path / "project"
+    project.mkdir()
+    np.save(project / "rows.npy", np.random.default_rng(0).normal(size=(300, 6)))
+    monkeypatch.chdir(project)
+    file_args = [a for a in ARGS if a not in ("--n", "300")]
+    assert run_cli(*file_args, "--max-epochs", "1", "--data", "rows.npy", "--out", "run").exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run = project / "run"
+    assert run_cli("evaluate", run, "-k", "5", "--json").exit_code == 0
+    assert run_cli("plot", run).exit_code == 0
+    resumed = run_cli("train", "--resume", run, "--max-epochs", "2", "-q")
+    assert resumed.exit_code == 0, resumed.stderr
+    moved = tmp_path / "moved"
+    project.rename(moved)  # the run together with its data
+    result = run_cli("evaluate", moved / "run", "-k", "5", "--json")
+    assert result.exit_code == 0, result.stderr
+    np.save(moved / "rows.npy", np.random.default_rng(1).normal(size=(300, 6)))  # same shape, other rows
+    changed = run_cli("evaluate", moved / "run", "-k", "5")
+    assert changed.exit_code == 2 and "sha256 differs" in changed.stderr

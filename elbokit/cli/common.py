@@ -11,6 +11,7 @@ import typer
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # training stopped on a NaN/Inf loss: not bad input, the run is kept and resumable
+EXIT_OS_ERROR = 4  # the OS refused a write (disk full, permissions, read-only): not bad input, not a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143
 
 
@@ -36,6 +37,10 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             if getattr(exc, "filename", None):
                 fail(f"{exc.strerror or exc}: {exc.filename}; check the path and its permissions.")
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except OSError as exc:
+            # Disk full, a read-only filesystem, an I/O error: the machine, not the input.
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            fail(f"{exc.strerror or exc}{where}.", EXIT_OS_ERROR)
 
     return wrapper
 

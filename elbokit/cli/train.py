@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from .common import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, fail, handle_errors, print_json
+from .common import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS_ERROR, fail, handle_errors, print_json
 
 RESUME_HINT = "elbokit train --resume {run_dir}"
 
@@ -108,7 +108,7 @@ def train(
 ) -> None:
     """Train a VAE on an objective composed of terms, e.g. --terms recon,infonce,entropy,xent --prior gmm."""
     from elbokit import config as config_mod
-    from elbokit.train import SilentReporter, TrainingDiverged, TrainingInterrupted
+    from elbokit.train import RunWriteFailed, SilentReporter, TrainingDiverged, TrainingInterrupted
     from elbokit.train import train as run_training
 
     o: dict[str, Any] = {}
@@ -170,6 +170,9 @@ def train(
     except TrainingDiverged as exc:
         reporter.stop()
         fail(str(exc), EXIT_DIVERGED)
+    except RunWriteFailed as exc:
+        reporter.stop()
+        fail(str(exc), EXIT_OS_ERROR)
     except BaseException:
         reporter.stop()
         raise
