@@ -358,12 +358,12 @@ def check_contracts(components: Components) -> None:
     check_objective(components.objective)
 
 
-def auto_choices(components: Components, posterior: Any) -> dict[str, str]:
-    """What each `auto` estimator resolves to for this prior and this model's posterior:
-    {term: choice}. Mirrors the rules of the built-in `auto` estimators (kl: analytic where
-    torch registers the pair, else mc; cross_entropy: analytic for the standard normal, mc for a
-    prior with log_prob, else knn) so the summary can say which one ran."""
-    from torch.distributions import kl as tkl
+def auto_choices(components: Components, batch: Any) -> dict[str, str]:
+    """What each `auto` estimator resolves to for this prior and this model's posterior, on a
+    real batch: {term: choice}. kl: `elbokit.estimators.kl_to_prior`, the one place that
+    decides analytic or mc; cross_entropy: the rule of the built-in `auto` (analytic for the
+    standard normal, mc for a prior with log_prob, else knn)."""
+    from .estimators import kl_to_prior
 
     prior = components.prior
     out: dict[str, str] = {}
@@ -372,10 +372,7 @@ def auto_choices(components: Components, posterior: Any) -> dict[str, str]:
         if estimator is None or estimator.name != "auto":
             continue
         if term.quantity == "kl":
-            dist = prior.distribution() if prior.has_log_prob else None
-            # _dispatch_kl returns NotImplemented (it does not raise) for an unregistered pair.
-            analytic = dist is not None and tkl._dispatch_kl(type(posterior), type(dist)) is not NotImplemented
-            out[name] = "analytic" if analytic else "mc"
+            out[name] = kl_to_prior(batch.posterior, batch.z, prior, "auto")[1] if prior.has_log_prob else "mc"
         elif term.quantity == "cross_entropy":
             out[name] = "analytic" if prior.name == "standard-normal" else "mc" if prior.has_log_prob else "knn"
     return out
@@ -424,7 +421,7 @@ def precheck(components: Components) -> dict[str, Any]:
             objective.train()
             batch = model(train.x[:batch_size], x_pos, dataset_size=objective.dataset_size)
             objective(batch).loss.backward()
-            choices = auto_choices(components, batch.posterior)
+            choices = auto_choices(components, batch)
             val = splits["val"]
             rows = _validation_chunk(val.x.shape[0], cfg["train"]["batch_size"])
             model.eval()
