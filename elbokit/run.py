@@ -420,6 +420,37 @@ def provenance(components: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def check_metadata(rd: "RunDir", registry: Any) -> list[str]:
+    """Read run.json and compare it with what is installed now: refuse (one line) a run of
+    another format or whose component's plugin is gone; return one warning per plugin whose
+    installed version differs from the run's. A run made before run.json existed has nothing
+    to compare (its checkpoints' own format is checked when they are read)."""
+    meta = rd.read_metadata()
+    if meta is None:
+        return []
+    found = meta.get("format")
+    if found != FORMAT_VERSION:
+        made_by = (meta.get("versions") or {}).get("elbokit", "another version")
+        raise ElbokitError(f"{rd.path} has run-directory format {found!r} (written by elbokit {made_by}); this elbokit "
+                           f"reads format {FORMAT_VERSION}: read it with the elbokit that wrote it.")
+    tables = {"dataset": registry.datasets, "prior": registry.priors, "term": registry.terms}
+    warnings: dict[str, str] = {}
+    for c in meta.get("components", []):
+        if not c.get("plugin"):
+            continue
+        kind, name = c["kind"], c["name"]
+        key = tuple(name.split("/", 1)) if kind == "estimator" else name
+        entry = (registry.estimators if kind == "estimator" else tables.get(kind, {})).get(key)
+        if entry is None:
+            raise ElbokitError(f"{rd.path} was made with the {kind} '{name}' of plugin '{c['plugin']}' "
+                               f"{c.get('plugin_version') or ''}, which is not installed now: install that plugin to use this run.")
+        now = plugin_version(registry, entry.plugin)
+        if now != c.get("plugin_version") and entry.plugin not in warnings:
+            warnings[entry.plugin] = (f"{rd.path} was made with {c['plugin']} {c.get('plugin_version')}; {now} is "
+                                      f"installed now, so its {kind} '{name}' may compute differently.")
+    return list(warnings.values())
+
+
 def run_metadata(components: Any, *, threads_from: str = "train.threads", world_size: int = 1) -> dict[str, Any]:
     """run.json: what made this run, beside what it computed (config.toml, summary.json)."""
     import datetime as _dt
@@ -659,6 +690,7 @@ class Run:
     data_info: dict[str, Any]
     indices: dict[str, np.ndarray]
     device: torch.device
+    warnings: list[str] = field(default_factory=list)  # installed plugin versions that differ from the run's
     _dataset: Any = field(default=None, repr=False)
 
     @property
@@ -721,6 +753,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     registry = registry or get_registry()
     rd = RunDir(run_dir)
     cfg = rd.read_config()
+    warnings = check_metadata(rd, registry)
     path = Path(checkpoint) if checkpoint not in CHECKPOINTS else rd.checkpoint_path(checkpoint)
     if checkpoint not in CHECKPOINTS and not path.is_file():
         raise ElbokitError(f"Unknown checkpoint '{checkpoint}': give best, last or a checkpoint file.")
@@ -739,4 +772,4 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     return Run(run_dir=rd.path, checkpoint=str(checkpoint), config=cfg, model=model, objective=objective,
                prior=objective.prior, likelihood=reconstruction_likelihood(objective),
                standardizer=stored.standardizer, state=meta, data_info=stored.data_info, indices=stored.indices,
-               device=dev)
+               device=dev, warnings=warnings)

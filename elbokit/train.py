@@ -124,12 +124,15 @@ class Setup(Components):
 def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: Any = None) -> Setup:
     """Build and check the data, prior, model and objective of `cfg` (resolved), or of the run
     `resume`, through `elbokit.build`; raise ElbokitError on any problem. Writes nothing."""
+    from .plugins import get_registry
+
     stored, action = None, None
     if resume is not None:
         rd = run_mod.RunDir(resume)
         if not rd.checkpoint_path("last").is_file():
             rd.read_config()  # the clearer error first, when it is not a run at all
             raise ElbokitError(f"{rd.path} has no checkpoint to resume from (checkpoints/last.safetensors is missing).")
+        provenance_warnings = run_mod.check_metadata(rd, registry or get_registry())
         _, meta = rd.read_checkpoint("last")
         stored = rd.stored_run(meta=meta)
         run_dir = rd.path
@@ -144,6 +147,8 @@ def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: 
             raise ElbokitError("--tensorboard needs the optional tensorboard package: pip install 'elbokit[tensorboard]' (or pip install tensorboard).")
     components = build_components(cfg, registry=registry, stored=stored)
     components.checked = precheck(components)
+    if resume is not None:
+        components.notes.extend(provenance_warnings)
     return Setup(**{f.name: getattr(components, f.name) for f in fields(Components)}, run_dir=run_dir,
                  resume_from=run_mod.checkpoint_path(run_dir, "last") if resume is not None else None,
                  resume_action=action)

@@ -295,3 +295,84 @@ def test_a_relative_data_path_works_from_another_directory_and_after_moving_the_
     np.save(moved / "rows.npy", np.random.default_rng(1).normal(size=(300, 6)))  # same shape, other rows
     changed = run_cli("evaluate", moved / "run", "-k", "5")
     assert changed.exit_code == 2 and "sha256 differs" in changed.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from elbokit.cli import main
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main([*ARGS, "--max-epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_run_directory_in_the_layout_before_run_json_evaluates_plots_and_resumes(finished_run, tmp_path, run_cli):
+    """The layout today's code replaced: no run.json, no .lock, a summary without the new keys."""
+    old = copy_run(finished_run, tmp_path / "old")
+    (old / "run.json").unlink()
+    (old / ".lock").unlink()
+    summary = json.loads((old / "summary.json").read_text())
+    for key in ("objective", "threads", "threads_from", "versions"):
+        summary.pop(key)
+    (old / "summary.json").write_text(json.dumps(summary))
+    evaluated = run_cli("evaluate", old, "-k", "5", "--json")
+    assert evaluated.exit_code == 0 and evaluated.stderr == ""
+    assert json.loads(evaluated.stdout)["rows"] == {"source": "split", "split": "test", "n": 30, "training_rows": 0}
+    assert run_cli("plot", old).exit_code == 0
+    resumed = run_cli("train", "--resume", old, "--max-epochs", "2", "-q")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert epochs(old) == [1, 2]
+
+
+def test_another_format_or_a_missing_plugin_is_refused_and_a_changed_version_warned(finished_run, tmp_path, run_cli):
+    changed = copy_run(finished_run, tmp_path / "changed")
+    meta = json.loads((changed / "run.json").read_text())
+    for c in meta["components"]:
+        if c["kind"] == "prior":
+            c["plugin_version"] = "0.0.1"
+    (changed / "run.json").write_text(json.dumps(meta))
+    warned = run_cli("evaluate", changed, "-k", "5", "--json")
+    assert warned.exit_code == 0
+    lines = warned.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Warning: ") and "0.0.1" in lines[0] and "prior 'standard-normal'" in lines[0]
+    assert run_cli("plot", changed).stderr.count("Warning: ") == 1
+
+    gone = copy_run(finished_run, tmp_path / "gone")
+    meta = json.loads((gone / "run.json").read_text())
+    meta["components"].append({"kind": "term", "name": "vanished", "plugin": "elbokit-vanished", "plugin_version": "1.0"})
+    (gone / "run.json").write_text(json.dumps(meta))
+    for argv in (["evaluate", gone], ["train", "--resume", gone, "--max-epochs", "2"]):
+        refused = run_cli(*argv)
+        assert refused.exit_code == 2 and "'elbokit-vanished' 1.0, which is not installed" in refused.stderr
+
+    future = copy_run(finished_run, tmp_path / "future")
+    meta = json.loads((future / "run.json").read_text())
+    meta["format"] = 99
+    (future / "run.json").write_text(json.dumps(meta))
+    refused = run_cli("evaluate", future)
+    assert refused.exit_code == 2 and "run-directory format 99" in refused.stderr and refused.stderr.count("\n") == 1
+
+
+def test_evaluating_training_rows_warns_and_records_them(finished_run, run_cli):
+    result = run_cli("evaluate", finished_run, "--split", "train", "-k", "5", "--json")
+    assert result.exit_code == 0
+    assert result.stderr.count("\n") == 1 and "240 of the 240 rows evaluated are rows the model was trained on" in result.stderr
+    assert json.loads(result.stdout)["rows"] == {"source": "split", "split": "train", "n": 240, "training_rows": 240}
+
+
+def test_a_run_re_run_from_its_config_toml_is_bit_identical(finished_run, tmp_path, run_cli):
+    from safetensors.numpy import load_file
+    import numpy as np
+
+    again = tmp_path / "again"
+    assert run_cli("train", "--config", finished_run / "config.toml", "--out", again, "-q").exit_code == 0
+    assert _metrics_without_time(again) == _metrics_without_time(finished_run)
+    a, b = (load_file(str(d / "checkpoints" / "last.safetensors")) for d in (again, finished_run))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -77,6 +78,25 @@ def _load_data(spec: str, data_seed: int, data_option: list[str]):
     return load_dataset(spec, options, seed=data_seed)
 
 
+def _scored_rows(run: Any, split: str, data: str | None, dataset: Any) -> dict[str, Any]:
+    """Which rows are scored: the run's split (with its row indices into the run's data), or a
+    --data set; and how many of them the model was trained on (the training split, or, for
+    --data, the run's own data file: identical sha256)."""
+    if data is None:
+        indices = run.indices[split]
+        return {"source": "split", "split": split, "n": int(len(indices)),
+                "training_rows": int(len(indices)) if split == "train" else 0}
+    n = len(dataset)
+    same_file = False
+    sha = run.data_info.get("sha256")
+    if sha and dataset.meta.get("source"):
+        from elbokit.run import sha256_file
+
+        same_file = sha256_file(dataset.meta["source"]) == sha
+    return {"source": "data", "data": data, "n": int(n),
+            "training_rows": int(len(run.indices["train"])) if same_file else 0}
+
+
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory written by `elbokit train`."),
     data: Optional[str] = typer.Option(None, "--data", help="Evaluate this dataset (a name such as gaussian, or a .npz/.npy/.csv file) instead of the run's split; every row is used."),
@@ -107,10 +127,18 @@ def evaluate(
     from elbokit.run import load_run
 
     run = load_run(run_dir, checkpoint, device=device)
+    for warning in run.warnings:
+        print(f"Warning: {warning}", file=sys.stderr)
     dataset = _load_data(data, data_seed, data_option) if data is not None else None
+    scored = _scored_rows(run, split or "test", data, dataset)
+    if scored["training_rows"]:
+        print(f"Warning: {scored['training_rows']} of the {scored['n']} rows evaluated are rows the model was trained on "
+              "(the training split); their bounds are optimistic. Evaluate --split test for held-out numbers.",
+              file=sys.stderr)
     report = evaluate_run(run, split=split or "test", data=dataset, iw_samples=iw_samples, seed=seed)
     report["run_dir"] = str(run_dir)
     report["checkpoint"] = checkpoint
+    report["rows"] = scored
     if json_output:
         print_json(report)
         return

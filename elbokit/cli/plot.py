@@ -16,8 +16,15 @@ def plot(
     json_output: bool = typer.Option(False, "--json", help="Print the written paths as JSON."),
 ) -> None:
     """Plot each term over epochs, latent codes beside prior samples, and reconstructions of image data."""
-    from elbokit.plot import plot_run
+    import sys
 
+    from elbokit.plot import plot_run
+    from elbokit.plugins import get_registry
+    from elbokit.run import RunDir, check_metadata
+
+    if run_dir.is_dir():
+        for warning in check_metadata(RunDir(run_dir), get_registry()):
+            print(f"Warning: {warning}", file=sys.stderr)
     paths = [str(p) for p in plot_run(run_dir, checkpoint, split)]
     if json_output:
         print_json({"run_dir": str(run_dir), "plots": paths})
