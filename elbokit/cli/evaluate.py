@@ -83,7 +83,9 @@ def _scored_rows(run: Any, split: str, data: str | None, dataset: Any) -> dict[s
     --data set; and how many of them the model was trained on (the training split, or, for
     --data, the run's own data file: identical sha256)."""
     if data is None:
-        indices = run.indices[split]
+        indices = run.indices.get(split)
+        if indices is None:  # an unknown split: evaluate_run says so in one line
+            return {"source": "split", "split": split, "n": 0, "training_rows": 0}
         return {"source": "split", "split": split, "n": int(len(indices)),
                 "training_rows": int(len(indices)) if split == "train" else 0}
     n = len(dataset)
