@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from . import data, evaluate, listing, plot, train
+from . import benchmark, data, evaluate, listing, plot, train
 
 app = typer.Typer(
     name="elbokit",
@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _commands in (listing, train, evaluate, data, plot):
+for _commands in (listing, train, evaluate, data, plot, benchmark):
     _commands.register(app)
 
 
