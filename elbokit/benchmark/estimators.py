@@ -291,7 +291,7 @@ def peak_memory_mb(estimator: Any, batch: Batch, prior: Any) -> float:
     """Peak of torch's CPU allocator during one forward+backward, from torch.profiler.
 
     The profiler records each allocation and free with the allocator's running total; the peak
-    is the largest total, counted from the start of the call (the batch already exists).
+    is the largest total less the total before the call (the batch already exists).
     tracemalloc would not see torch's allocations."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -302,9 +302,13 @@ def peak_memory_mb(estimator: Any, batch: Batch, prior: Any) -> float:
         prof.export_chrome_trace(path)
         with open(path) as fh:
             events = json.load(fh)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    return max([0, *totals]) / 2**20
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    if not memory:
+        return 0.0
+    # The running total includes whatever the process already held: subtract the total just
+    # before the first recorded event.
+    baseline = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(0, max(m["Total Allocated"] for m in memory) - baseline) / 2**20
 
 
 def measure(spec: Spec, prior: Any, family: Family, m: int, truth: Truth, repeats: int, seed: int,
