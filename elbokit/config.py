@@ -100,6 +100,18 @@ def optional_string(name: str, value: Any) -> str | None:
     return None if value in (None, "") else string(name, value)
 
 
+def string_list(name: str, value: Any) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ElbokitError(f"{name} must be a list of non-empty strings such as [\"baseline\", \"gmm\"], got {value!r}.")
+    return list(dict.fromkeys(v.strip() for v in value))  # each tag once, in the order given
+
+
+def fraction(name: str, value: Any) -> float:
+    if not (_num(value) and 0 < value <= 1):
+        raise ElbokitError(f"{name} must be a number in (0, 1], got {value!r}.")
+    return float(value)
+
+
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ElbokitError(f"{name} must be true or false, got {value!r}.")
@@ -196,6 +208,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "output": {
         "out": Key(None, optional_string, "run directory (default runs/<date-time>)", "--out"),
+        "name": Key(None, optional_string, "a name for the run, shown by `elbokit runs` (default: the directory's name)", "--name"),
+        "tags": Key([], string_list, "labels for finding and grouping runs (`elbokit runs`)", "--tag"),
         "tensorboard": Key(False, boolean, "also write TensorBoard event files to RUN_DIR/tensorboard", "--tensorboard"),
     },
 }

@@ -36,11 +36,12 @@ from . import run as run_mod
 from .build import (  # noqa: F401 - also importable from here, as before build.py existed
     Components, build_components, load_prior_samples, precheck, prior_samples_for, rebuild_prior, seed_everything)
 from .errors import ElbokitError
+from .metrics import TERM_LOSS_PREFIX, flat_record, term_losses
 
 # Keys that may change when a run is resumed (they do not change what was already computed).
 RESUMABLE_OVERRIDES = {
     "train": {"max_epochs", "patience", "lr", "grad_clip", "device", "evaluate", "threads", "checkpoint_seconds"},
-    "output": {"tensorboard"},
+    "output": {"tensorboard", "name", "tags"},
 }
 
 
@@ -108,6 +109,71 @@ class SilentReporter:
     def epoch(self, record: dict[str, Any]) -> None: pass
     def note(self, message: str) -> None: pass
     def stop(self) -> None: pass
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class LineReporter:
+    """One plain line per epoch on a stream (stderr by default), for logs that are not a
+    terminal (nohup, SLURM, `2>&1 | tee`): epoch, step, the training loss and each term's
+    contribution, the validation metrics, steps/s, elapsed time and the ETA to max_epochs
+    (patience may stop the run sooner). Lines are at most one per `min_seconds`, so that very
+    short epochs do not flood a log; the last epoch is always printed (at `stop`)."""
+
+    def __init__(self, stream: Any = None, min_seconds: float = 5.0):
+        import sys
+
+        self.stream = stream if stream is not None else sys.stderr
+        self.min_seconds = min_seconds
+        self._pending: dict[str, Any] | None = None
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def start(self, *, run_dir: Path, first_epoch: int, max_epochs: int, steps_per_epoch: int) -> None:
+        self.first_epoch, self.max_epochs = first_epoch, max_epochs
+        self.steps = 0
+        self.started = self._last_line = time.perf_counter()
+        self._printed_any = False
+        self._write(f"Training into {run_dir} (epochs {first_epoch + 1}-{max_epochs}, {steps_per_epoch} steps each)")
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if not self._printed_any or record["epoch"] >= self.max_epochs or now - self._last_line >= self.min_seconds:
+            self._write(self.line(record, now))
+            self._last_line, self._printed_any, self._pending = now, True, None
+        else:
+            self._pending = record
+
+    def line(self, record: dict[str, Any], now: float) -> str:
+        elapsed = now - self.started
+        done = record["epoch"] - self.first_epoch
+        eta = (self.max_epochs - record["epoch"]) * elapsed / done if done > 0 else 0.0
+        parts = [f"epoch {record['epoch']}/{self.max_epochs}", f"step {record['step']}",
+                 f"train_loss {record['train_loss']:.4g}"]
+        parts += [f"{k} {record[k]:.4g}" for k in record if k.startswith(TERM_LOSS_PREFIX)]
+        parts += [f"{k} {record[k]:.4g}" for k in ("val_loss", "val_neg_elbo") if record.get(k) is not None]
+        parts += [f"best {record['best_val']:.4g} @ {record['best_epoch']}"]
+        if record.get("lr") is not None:
+            parts.append(f"lr {record['lr']:.3g}")
+        parts += [f"{self.steps / elapsed if elapsed > 0 else 0.0:.1f} steps/s", f"elapsed {_clock(elapsed)}",
+                  f"ETA {_clock(eta)}"]
+        return "  ".join(parts)
+
+    def note(self, message: str) -> None:
+        self._write(f"Note: {message}")
+
+    def stop(self) -> None:
+        if self._pending is not None:
+            self._write(self.line(self._pending, time.perf_counter()))
+            self._pending = None
 
 
 @dataclass
@@ -324,7 +390,8 @@ class Trainer:
         checkpoints/last at epoch 0) and locked, or absent: see `RunDir.create`."""
         s = self.setup
         return run_mod.RunDir.create(s.run_dir, config=s.config, dataset=s.dataset, indices=s.indices,
-                                     standardizer=s.standardizer, metadata=run_mod.run_metadata(s, threads_from=s.threads_from),
+                                     standardizer=s.standardizer, metadata={**run_mod.run_metadata(s, threads_from=s.threads_from),
+                                               "name": s.config["output"]["name"], "tags": s.config["output"]["tags"]},
                                      checkpoint=self.checkpoint_bytes())
 
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -474,6 +541,7 @@ class Trainer:
                     steps_this_process += steps_per_epoch - steps_before
                     self.state["train_seconds"] += time.perf_counter() - t0
                     record["seconds"] = round(self.state["train_seconds"], 3)
+                    record = flat_record(record)  # the names of elbokit.metrics, one per quantity
                     self.run.append_metrics(record)
                     if record["improved"]:
                         self._pending_best = self.checkpoint_bytes()
@@ -603,12 +671,12 @@ class Trainer:
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
         step = record["epoch"]
-        self.tb.add_scalar("train/loss", record["train"]["loss"], step)
-        for k, v in record["train"]["terms"].items():
+        self.tb.add_scalar("train/loss", record["train_loss"], step)
+        for k, v in term_losses(record).items():
             self.tb.add_scalar(f"train/{k}", v, step)
-        for k, v in record["val"].items():
-            if v is not None:
-                self.tb.add_scalar(f"val/{k}", v, step)
+        for k, v in record.items():
+            if k.startswith("val_") and v is not None:
+                self.tb.add_scalar(f"val/{k[4:]}", v, step)
         self.tb.flush()
 
     def _finish(self, steps_this_process: int, seconds_this_process: float) -> dict[str, Any]:

@@ -14,7 +14,9 @@ RESUME_HINT = "elbokit train --resume {run_dir}"
 
 
 class RichReporter:
-    """A rich progress bar on stderr: epochs, steps of the epoch, the terms and the validation metric."""
+    """A rich progress bar on stderr (a terminal): epochs with the ETA to max_epochs, steps of
+    the epoch, the terms and the validation metric. Outside a terminal the CLI uses
+    `elbokit.train.LineReporter` (one plain line per epoch) instead."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -23,12 +25,13 @@ class RichReporter:
         self.progress = None
 
     def start(self, *, run_dir: Path, first_epoch: int, max_epochs: int, steps_per_epoch: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
         self.console.print(f"Training into [bold]{run_dir}[/bold]")
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"), console=self.console, transient=False,
+            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console, transient=False,
         )
         self.progress.start()
         self.epochs = self.progress.add_task("epoch", total=max_epochs, completed=first_epoch, info="")
@@ -39,12 +42,13 @@ class RichReporter:
         self.progress.advance(self.steps)
 
     def epoch(self, record: dict[str, Any]) -> None:
-        terms = " ".join(f"{k} {v:.3g}" for k, v in record["train"]["terms"].items())
-        metric = record["select_metric"]
-        val = record["val"][metric]
-        label = "val -ELBO" if metric == "neg_elbo" else "val loss"
+        from elbokit.metrics import metric as metric_entry, term_losses
+
+        terms = " ".join(f"{k} {v:.3g}" for k, v in term_losses(record).items())
+        name = record["select_metric"]
         self.progress.update(self.epochs, completed=record["epoch"],
-                             info=f"{label} {val:.4g} (best {record['best_value']:.4g} @ {record['best_epoch']})")
+                             info=f"{metric_entry(name).label} {record[name]:.4g} "
+                                  f"(best {record['best_val']:.4g} @ {record['best_epoch']})")
         self.progress.update(self.steps, completed=0, info=terms)
 
     def note(self, message: str) -> None:
@@ -102,13 +106,17 @@ def train(
     checkpoint_seconds: Optional[float] = typer.Option(None, "--checkpoint-seconds", help="Write checkpoints at most this often, in seconds (0: every epoch) [10]."),
     evaluate: Optional[bool] = typer.Option(None, "--evaluate/--no-evaluate", help="Evaluate the best checkpoint on the test split at the end [on]."),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory [runs/<date-time>]; must not exist yet."),
+    name: Optional[str] = typer.Option(None, "--name", help="A name for the run, shown by elbokit runs [the directory's name]."),
+    tag: list[str] = typer.Option([], "--tag", help="A label for finding and grouping runs (repeatable)."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log to RUN_DIR/tensorboard (needs tensorboard)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
+    log_seconds: float = typer.Option(5.0, "--log-seconds", help="When stderr is not a terminal: one line per epoch, at most every this many seconds (0: every epoch; the last epoch always)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Train a VAE on an objective composed of terms, e.g. --terms recon,infonce,entropy,xent --prior gmm."""
     from elbokit import config as config_mod
-    from elbokit.train import RunWriteFailed, SilentReporter, TrainingDiverged, TrainingInterrupted
+    from elbokit.errors import ElbokitError
+    from elbokit.train import LineReporter, RunWriteFailed, SilentReporter, TrainingDiverged, TrainingInterrupted
     from elbokit.train import train as run_training
 
     o: dict[str, Any] = {}
@@ -130,6 +138,9 @@ def train(
         _set(o, "train", key, value)
     _set(o, "output", "out", out)
     _set(o, "output", "tensorboard", tensorboard)
+    _set(o, "output", "name", name)
+    if tag:
+        _set(o, "output", "tags", tag)
     if option:
         o["terms"] = config_mod.term_options(option)
 
@@ -153,7 +164,14 @@ def train(
                          f"({setup.config['train']['threads']} threads: {setup.threads_from}).\n")
         return
 
-    reporter = SilentReporter() if quiet else RichReporter()
+    if not log_seconds >= 0:
+        raise ElbokitError(f"--log-seconds must be a non-negative number of seconds, got {log_seconds}.")
+    if quiet:
+        reporter = SilentReporter()
+    elif sys.stderr.isatty():
+        reporter = RichReporter()
+    else:  # a log file, a pipe, a batch system: plain lines, nothing redrawn
+        reporter = LineReporter(sys.stderr, min_seconds=log_seconds)
     try:
         summary = run_training(cfg, resume=resume, reporter=reporter)
     except TrainingInterrupted as exc:
