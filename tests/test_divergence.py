@@ -69,7 +69,7 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint_and_resumes_with_a_lower_
     res = run_cli("train", "--resume", out, "--lr", "1e-4", "--grad-clip", "1", "--max-epochs", "4", "-q")
     assert res.exit_code == 0, res.stderr
     rows = metrics(out)
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["train"]["loss"]) for r in rows)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["train_loss"]) for r in rows)
     assert rows[2] != metrics(reference)[2]  # the changed learning rate changed the numbers
     saved = tomllib.loads((out / "config.toml").read_text())["train"]
     assert saved["lr"] == 1e-4 and saved["grad_clip"] == 1.0
