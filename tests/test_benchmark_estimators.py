@@ -258,3 +258,14 @@ def test_from_run_measures_on_the_runs_own_posteriors(run_cli, fresh_registry, t
 def test_from_run_refuses_synthetic_grid_options(run_cli, fresh_registry, tiny_run):
     res = run_cli("benchmark", "estimators", "--from-run", tiny_run, "--overlap", "0.5")
     assert res.exit_code == 2 and res.stderr.startswith("Error:") and "--from-run" in res.stderr
+
+
+def test_markdown_table_escapes_pipes_in_cells():
+    import re
+
+    row = {"estimator": "kl/mc", "quantity": "kl", "prior": "gmm", "truth_of": "E_x KL(q(z|x) || p(z))", "N": 10,
+           "L": 2, "overlap": 0.5, "M": 4, "truth": 1.0, "truth_se": 0.1, "bias": 0.2, "bias_se": 0.1, "std": 0.3,
+           "rmse": 0.4, "log_M": math.log(4), "ms_per_call": 1.0, "peak_mb": 0.5}
+    lines = bench.markdown_table([row]).splitlines()
+    columns = [len(re.findall(r"(?<!\\)\|", line)) for line in lines]
+    assert len(set(columns)) == 1, lines

@@ -516,11 +516,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
         prior = r["prior"] if r["quantity"] in ("kl", "cross_entropy") else "-"
-        lines.append("| " + " | ".join([
+        cells = [
             r["estimator"], prior, r["truth_of"], str(r["N"]), str(r["L"]), _fmt(r["overlap"], 2), str(r["M"]),
             f"{_fmt(r['truth'])} ({_fmt(r['truth_se'])})", f"{_fmt(r['bias'])} +- {_fmt(r['bias_se'])}",
             _fmt(r["std"]), _fmt(r["rmse"]), _fmt(r["log_M"], 2), _fmt(r["ms_per_call"], 2),
-            _fmt(r["peak_mb"], 2)]) + " |")
+            _fmt(r["peak_mb"], 2)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # a | would split the cell
     return "\n".join(lines) + "\n"
 
 
