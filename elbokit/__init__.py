@@ -66,11 +66,17 @@ def make_prior(name: str, dim: int | None = None, *, registry: Any = None, **opt
     from .errors import ElbokitError
     from .plugins import get_registry
 
+    from .objective import coerce_options, option_specs
+
     cls = (registry or get_registry()).prior(name)
+    # `dim` and `samples` come from elbokit (--latent-dim, --prior-samples), the rest are
+    # checked against the prior's declared options: one line listing them if wrong.
+    given = {k: options.pop(k) for k in ("samples",) if k in options}
+    options = coerce_options(f"prior '{name}'", option_specs(cls, hidden=("dim", "samples")), options)
     if dim is not None:
         options["dim"] = dim
     try:
-        return cls(**options)
+        return cls(**options, **given)
     except TypeError as exc:
         raise ElbokitError(f"Bad option for prior '{name}': {exc}") from None
 

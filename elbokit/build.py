@@ -336,6 +336,19 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
     return components
 
 
+def check_contracts(components: Components) -> None:
+    """The component contract (`elbokit.contracts.check_objective`, the checks `elbokit.testing`
+    runs) on a small training batch, before any run directory exists: a broken plugin is one
+    line naming it (exit code 2), not a wrong number. Adds any note (a skipped check) to
+    `components.notes`; leaves the random state alone."""
+    from .contracts import check_model_objective
+
+    train = components.splits["train"]
+    components.notes.extend(check_model_objective(
+        components.model, components.objective, train.x,
+        train.x_pos if components.needs_positives else None, registry=components.registry))
+
+
 def build_from_record(cfg: dict[str, Any], data_dim: int, stored: StoredRun, registry: Any):
     """(model, prior, objective) of a stored run without loading its data: what `load_run`
     needs before the checkpoint's tensors are loaded into them."""
@@ -347,17 +360,6 @@ def build_from_record(cfg: dict[str, Any], data_dim: int, stored: StoredRun, reg
 
 
 # -- the checks before a run directory exists ----------------------------------------------
-def check_contracts(components: Components) -> None:
-    """THE call site of the plugin-contract checks (`elbokit.contracts.check_objective`, written
-    with the plugin contracts): run on the built objective before anything is written. Until
-    that module exists there is nothing more to check here."""
-    try:
-        from .contracts import check_objective  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    check_objective(components.objective)
-
-
 def auto_choices(components: Components, batch: Any) -> dict[str, str]:
     """What each `auto` estimator resolves to for this prior and this model's posterior, on a
     real batch: {term: choice}. kl: `elbokit.estimators.kl_to_prior`, the one place that

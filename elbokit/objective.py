@@ -6,9 +6,11 @@ import dataclasses
 import inspect
 import math
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -201,43 +203,231 @@ def _finite_weight(name: str, value: Any) -> float:
 
 
 def make_term(term_cls: type[ElboTerm], opts: Mapping[str, Any], registry: Any) -> ElboTerm:
-    """Instantiate a term and its estimator, routing options (see `build_objective`)."""
+    """Instantiate a term and its estimator, routing options (see `build_objective`). Every
+    value is checked against the declared option types first (see `option_specs`)."""
     opts = dict(opts)
     # A term that builds its own estimators (e.g. marginal-kl) takes `registry`: not a user option.
-    term_params = _accepted(term_cls) - {"registry"}
-    term_kwargs = {k: opts.pop(k) for k in list(opts) if k in term_params and k != "estimator"}
-    if "registry" in _accepted(term_cls):
-        term_kwargs["registry"] = registry
+    term_specs = option_specs(term_cls, hidden=("registry", "estimator"))
+    term_names = {s.name for s in term_specs}
     estimator = None
     if term_cls.quantity is not None:
-        est_name = opts.pop("estimator", None) or term_cls.default_estimator
+        est_name = str(opts.pop("estimator", None) or term_cls.default_estimator)
         est_cls = registry.estimator(term_cls.quantity, est_name)
-        est_params = _accepted(est_cls)
-        bad = [k for k in opts if k not in est_params]
-        if bad:
-            valid = sorted((term_params - {"estimator"}) | est_params | {"estimator", "weight"})
-            raise ElbokitError(
-                f"Unknown option '{bad[0]}' for term '{term_cls.name}' with estimator "
-                f"'{est_name}'. Valid options: {', '.join(valid)}."
-            )
-        est_kwargs = dict(opts)
+        est_specs = option_specs(est_cls)
+        what = f"term '{term_cls.name}' with estimator '{est_name}'"
+        listed = dict(valid=[*term_specs, *est_specs], extra=("estimator", "weight"))
+        term_kwargs = coerce_options(what, term_specs, {k: v for k, v in opts.items() if k in term_names}, **listed)
+        est_kwargs = coerce_options(what, est_specs, {k: v for k, v in opts.items() if k not in term_names}, **listed)
         try:
             estimator = est_cls(**est_kwargs)
         except (TypeError, ValueError) as exc:
+            if isinstance(exc, ElbokitError):
+                raise
             raise ElbokitError(f"Bad option for estimator '{est_name}' of term '{term_cls.name}': {exc}") from None
-    elif opts:
-        key = next(iter(opts))
-        valid = sorted(term_params - {"estimator"}) or ["(none)"]
-        raise ElbokitError(f"Unknown option '{key}' for term '{term_cls.name}'. Valid options: {', '.join(valid)}.")
+    else:
+        term_kwargs = coerce_options(f"term '{term_cls.name}'", term_specs, opts, extra=("weight",))
+    if "registry" in _accepted(term_cls):
+        term_kwargs["registry"] = registry
     try:
         return term_cls(estimator=estimator, **term_kwargs) if term_cls.quantity is not None else term_cls(**term_kwargs)
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, ElbokitError):
+            raise
         raise ElbokitError(f"Bad option for term '{term_cls.name}': {exc}") from None
 
 
 def _accepted(cls: type) -> set[str]:
     params = inspect.signature(cls.__init__).parameters
     return {n for n, p in params.items() if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+# -- option declarations ------------------------------------------------------------------
+_REQUIRED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of a term, prior, estimator or dataset, read from its declaration:
+    the keyword arguments of `__init__` (a dataset: of its loader), their annotations and
+    defaults, and the optional `option_help = {"name": "one line"}` of the class (or loader)."""
+
+    name: str
+    type: Any  # the annotation (None when untyped: the value is passed as given)
+    default: Any  # OptionSpec.REQUIRED when there is none
+    help: str = ""
+
+    REQUIRED: ClassVar[Any] = _REQUIRED
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    @property
+    def type_text(self) -> str:
+        return type_text(self.type)
+
+    def describe(self) -> str:
+        """`n_components (int | None, default 3)`: how error messages list an option."""
+        bits = [self.type_text] if self.type is not None else []
+        bits.append("required" if self.required else f"default {self.default!r}")
+        return f"{self.name} ({', '.join(bits)})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type_text if self.type is not None else None,
+                "default": None if self.required else self.default, "required": self.required, "help": self.help}
+
+
+def option_specs(component: Any, *, hidden: Sequence[str] = ()) -> list[OptionSpec]:
+    """The declared options of a component class (its `__init__`) or a dataset loader (a
+    function): name, type, default and help, in signature order. `*args`/`**kwargs` and
+    `hidden` names (those elbokit fills in itself) are left out. A parameter without an
+    annotation (or annotated `Any`) is untyped: its value is passed as given."""
+    func = component.__init__ if isinstance(component, type) else component
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return []
+    hints = _type_hints(func)
+    helps = getattr(component, "option_help", None) or {}
+    out = []
+    for name, p in params.items():
+        if name == "self" or name in hidden or p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            continue
+        annotation = hints.get(name)
+        if annotation is Any:
+            annotation = None
+        out.append(OptionSpec(name, annotation, p.default, str(helps.get(name, ""))))
+    return out
+
+
+def _type_hints(func: Any) -> dict[str, Any]:
+    """Annotations resolved to types; one that cannot be resolved counts as untyped."""
+    try:
+        return typing.get_type_hints(func)
+    except Exception:  # noqa: BLE001 - a forward reference elbokit cannot see: resolve one by one
+        pass
+    out = {}
+    globalns = getattr(func, "__globals__", {})
+    for name, annotation in getattr(func, "__annotations__", {}).items():
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, dict(globalns))  # noqa: S307 - the plugin's own annotation
+            except Exception:  # noqa: BLE001
+                continue
+        out[name] = annotation
+    return out
+
+
+def type_text(annotation: Any) -> str:
+    """`int`, `int | None`, `one of 'mse', 'gaussian'`: an annotation as users read it."""
+    if annotation is None:
+        return "any"
+    if annotation is type(None):
+        return "None"
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_text(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _coerce(annotation: Any, value: Any) -> Any:
+    """`value` as `annotation` (numbers from strings, an integral float as int); raise
+    _NoMatch when it cannot be. Types elbokit does not know (arrays, tensors, classes) pass."""
+    if annotation is None or annotation is Any:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+        for member in members:  # an exact match first: 3 stays an int in `int | float`
+            if member is type(None) and value is None:
+                return None
+            if isinstance(member, type) and type(value) is member:
+                return value
+        for member in members:
+            try:
+                return _coerce(member, value)
+            except _NoMatch:
+                continue
+        raise _NoMatch
+    if origin is typing.Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise _NoMatch
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise _NoMatch
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise _NoMatch
+    if annotation is int:
+        if isinstance(value, bool):
+            raise _NoMatch
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise _NoMatch from None
+        raise _NoMatch
+    if annotation is float:
+        if isinstance(value, bool):
+            raise _NoMatch
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise _NoMatch from None
+        raise _NoMatch
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _NoMatch
+    return value
+
+
+def coerce_options(what: str, specs: Sequence[OptionSpec], values: Mapping[str, Any], *,
+                   valid: Sequence[OptionSpec] | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Check `values` against the declared options of `what` (e.g. "prior 'gmm'"): an unknown
+    option or a value of the wrong type is one `ElbokitError` line that lists the valid options
+    with their types; returns the values converted to the declared types. `valid`: the options
+    to list (default `specs`); `extra`: names accepted elsewhere (`estimator`, `weight`)."""
+    by_name = {s.name: s for s in specs}
+    listed = list(valid if valid is not None else specs)
+
+    def options_text() -> str:
+        names = [s.describe() for s in listed] + list(extra)
+        return ", ".join(names) or "(none)"
+
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in extra:
+            continue
+        spec = by_name.get(key)
+        if spec is None:
+            raise ElbokitError(f"Unknown option '{key}' for {what}. Valid options: {options_text()}.")
+        try:
+            out[key] = _coerce(spec.type, value)
+        except _NoMatch:
+            raise ElbokitError(f"Option '{key}' of {what} must be {type_text(spec.type)}, got {value!r}. "
+                               f"Valid options: {options_text()}.") from None
+    return out
 
 
 def describe_needs(needs: frozenset[str]) -> list[str]:

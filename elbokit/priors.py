@@ -16,7 +16,7 @@ class Prior(nn.Module):
     Capability flags say what a prior can do, in the style of torch.distributions:
     - `has_log_prob`: `log_prob(z)` exists (sample-only priors set it to False, and every
       term or estimator that needs a density refuses them when the objective is built);
-    - `has_rsample`: `sample` is differentiable in the prior's parameters;
+    - `has_rsample`: `rsample(n)` draws samples differentiable in the prior's parameters;
     - `needs_samples`: the prior is fitted to prior samples given as `samples=` (e.g. `gmm`).
 
     Subclasses implement `sample` and either `distribution()` (preferred: analytic KL then
@@ -56,9 +56,23 @@ class Prior(nn.Module):
             raise NotImplementedError(f"Prior '{self.name}' has no log_prob.")
         return dist.log_prob(z)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype the prior computes in (follows `.to(dtype)`)."""
+        return self._anchor.dtype
+
     @abstractmethod
     def sample(self, n: int) -> torch.Tensor:
         """n samples, shape (n, dim), on the prior's device."""
+
+    def rsample(self, n: int) -> torch.Tensor:
+        """n reparameterised samples, shape (n, dim), differentiable in the prior's parameters.
+        Priors that declare `has_rsample = True` provide it: the default uses
+        `distribution().rsample`; a prior without `distribution()` overrides it."""
+        dist = self.distribution()
+        if dist is None or not dist.has_rsample:
+            raise NotImplementedError(f"Prior '{self.name}' has no rsample.")
+        return dist.rsample((n,))
 
     def attach(self, model: Any) -> None:
         """Called once with the model before training; priors that depend on the encoder

@@ -27,10 +27,10 @@ state) and take well under a second for small components.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -38,12 +38,12 @@ import torch.nn.functional as F
 from torch import distributions as D
 from torch import nn
 
+from . import contracts
 from .batch import Batch, gaussian_posterior
 from .errors import IncompatibleError, PluginError
 from .estimators import NEEDS, QUANTITIES, Estimator
 from .hookspecs import hookimpl
 from .objective import Objective, build_objective
-from .ops import pairwise_gaussian_log_density
 from .plugins import Registry, first_line
 from .priors import Prior
 from .terms import ElboTerm
@@ -60,6 +60,15 @@ def _fail(what: str, message: str) -> None:
 def _check(condition: Any, what: str, message: str) -> None:
     if not condition:
         _fail(what, message)
+
+
+@contextlib.contextmanager
+def _as_assertion() -> Iterator[None]:
+    """The contract checks shared with `elbokit train` raise ContractError; the kit, AssertionError."""
+    try:
+        yield
+    except contracts.ContractError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------- priors
@@ -91,16 +100,12 @@ def check_prior(
     report: dict[str, Any] = {"name": cls.name, "dim": dim}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sample = prior.sample(n)
-        _check(torch.is_tensor(sample), what, f"sample(n) must return a tensor, got {type(sample).__name__}.")
-        _check(tuple(sample.shape) == (n, dim), what, f"sample({n}) has shape {tuple(sample.shape)}, expected ({n}, {dim}).")
-        _check(tuple(prior.sample(1).shape) == (1, dim), what, f"sample(1) must have shape (1, {dim}).")
-        _check(sample.is_floating_point(), what, f"samples must be floating point, got {sample.dtype}.")
-        _check(sample.dtype == prior._anchor.dtype, what,
-               f"samples have dtype {sample.dtype} but the prior holds {prior._anchor.dtype}.")
+        with _as_assertion():
+            sample = contracts.check_prior_samples(prior, n, what)
+            _check(tuple(prior.sample(1).shape) == (1, dim), what, f"sample(1) must have shape (1, {dim}).")
+            contracts.check_prior_rsample(prior, what)
+        _check(sample.dtype == prior.dtype, what, f"samples have dtype {sample.dtype} but the prior holds {prior.dtype}.")
         _check(sample.device == prior.device, what, f"samples are on {sample.device}, the prior on {prior.device}.")
-        _check(bool(torch.isfinite(sample).all()), what, "sample returned NaN or Inf.")
-        _check_rsample_flag(prior, what)
         _check_spec(prior, what, model, sample[:64])
         if not prior.has_log_prob:
             try:
@@ -113,17 +118,9 @@ def check_prior(
             report["log_prob"] = False
             return report
         _check_log_prob(prior, what, sample)
-        report.update(check_density_matches_samples(prior, n=n, z_threshold=z_threshold, what=what))
+        with _as_assertion():  # what `elbokit train` checks too (it also skips above 10 dimensions)
+            report.update(contracts.check_density_matches_samples(prior, n=n, z_threshold=z_threshold, what=what))
     return report
-
-
-def _check_rsample_flag(prior: Prior, what: str) -> None:
-    params = [p for p in prior.parameters() if p.requires_grad]
-    if not (prior.has_rsample and params):
-        return
-    out = prior.sample(16)
-    _check(out.requires_grad, what, "has_rsample is True but its samples carry no gradient to its parameters; "
-           "sample with rsample, or set has_rsample = False.")
 
 
 def _check_spec(prior: Prior, what: str, model: Any, z: torch.Tensor) -> None:
@@ -145,7 +142,7 @@ def _check_spec(prior: Prior, what: str, model: Any, z: torch.Tensor) -> None:
     except RuntimeError as exc:
         _fail(what, f"the prior rebuilt from spec() {spec!r} cannot load the saved state_dict "
               f"(spec() must give every shape): {str(exc).splitlines()[0]}")
-    rebuilt.to(device=prior.device, dtype=prior._anchor.dtype)
+    rebuilt.to(device=prior.device, dtype=prior.dtype)
     if prior.has_log_prob:
         try:
             again = rebuilt.log_prob(z)
@@ -158,10 +155,9 @@ def _check_spec(prior: Prior, what: str, model: Any, z: torch.Tensor) -> None:
 
 def _check_log_prob(prior: Prior, what: str, sample: torch.Tensor) -> None:
     n, dim = sample.shape
-    lp = prior.log_prob(sample)
-    _check(tuple(lp.shape) == (n,), what, f"log_prob of ({n}, {dim}) samples has shape {tuple(lp.shape)}, expected ({n},).")
+    with _as_assertion():
+        lp = contracts.check_prior_log_prob(prior, sample, what)
     _check(lp.dtype == sample.dtype, what, f"log_prob returned {lp.dtype} for {sample.dtype} input.")
-    _check(bool(torch.isfinite(lp).all()), what, "log_prob is NaN or infinite at its own samples.")
     z = sample[:64].detach().clone().requires_grad_(True)
     out = prior.log_prob(z).sum()
     grad = torch.autograd.grad(out, z, allow_unused=True)[0] if out.requires_grad else None
@@ -175,95 +171,13 @@ def _check_log_prob(prior: Prior, what: str, sample: torch.Tensor) -> None:
                "log_prob differs from distribution().log_prob.")
 
 
-def _proposal(reference: torch.Tensor) -> tuple[Callable[[int], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """A defensive importance-sampling proposal built from prior samples (float64): half a
-    Gaussian kernel density estimate on the samples (follows multimodal priors), half a
-    product of Student-t(3) at their mean with twice their spread (heavier tails than any
-    prior with a finite variance, so the weights p/q have a finite variance)."""
-    m, d = reference.shape
-    loc, spread = reference.mean(0), reference.std(0).clamp_min(1e-6)
-    bandwidth = spread * 1.5 * m ** (-1.0 / (d + 4))  # Scott's rule, widened
-    wide = D.Independent(D.StudentT(3.0, loc, 2.0 * spread), 1)
-    kde_scale = bandwidth.expand(m, d)
-
-    def draw(count: int) -> torch.Tensor:
-        from_kde = reference[torch.randint(0, m, (count,))] + bandwidth * torch.randn(count, d, dtype=reference.dtype)
-        from_wide = wide.sample((count,))
-        pick = torch.rand(count, 1) < 0.5
-        return torch.where(pick, from_kde, from_wide)
-
-    def log_density(y: torch.Tensor) -> torch.Tensor:
-        log_kde = torch.logsumexp(pairwise_gaussian_log_density(y, reference, kde_scale), dim=1) - math.log(m)
-        return torch.logaddexp(log_kde, wide.log_prob(y)) - math.log(2.0)
-
-    return draw, log_density
-
-
-def check_density_matches_samples(
-    prior: Prior,
-    *,
-    n: int = 4000,
-    z_threshold: float = 5.0,
-    min_ess_fraction: float = 0.02,
-    what: str | None = None,
-) -> dict[str, float]:
-    """Check by importance sampling that `log_prob` is the normalised density of `sample`.
-
-    With a proposal q built from 512 prior samples (`_proposal`) and y_1..y_n ~ q, the
-    weights w = p(y)/q(y) give two checks that a wrong density fails:
-
-    1. normalisation: mean(w) estimates the integral of p, which must be 1. A log_prob off by
-       a constant c gives exp(c): the check fails when |log mean(w)| exceeds z_threshold of
-       its standard errors plus 0.02 nats: with n = 4000 and a Gaussian prior, an error of
-       0.1 nats fails in 1-2 dimensions, 0.15 nats in up to 5, 0.25 nats in 8.
-    2. agreement with `sample`: for every coordinate, E_p[z_d] and E_p[z_d^2] from the
-       self-normalised weights must match the same moments of n fresh prior samples within
-       z_threshold standard errors: a density with the wrong location or scale (or samples
-       from the wrong distribution) fails, even when it is normalised.
-
-    The weights must not be degenerate (effective sample size at least `min_ess_fraction` of
-    n): a log_prob far more peaked than the samples fails there. The check is meant for the
-    small latent dimensions of a test (up to about 10). Runs under the caller's random state;
-    `check_prior` seeds it. Returns log_normaliser, its standard error, the ESS fraction and
-    the largest moment z-score.
-    """
-    what = what or f"prior '{prior.name}'"
-    dtype = prior._anchor.dtype
-    with torch.no_grad():
-        reference = prior.sample(512).to(torch.float64).cpu()
-        draw, log_q = _proposal(reference)
-        y = draw(n)
-        log_w = prior.log_prob(y.to(device=prior.device, dtype=dtype)).to(torch.float64).cpu() - log_q(y)
-        _check(bool(torch.isfinite(log_w).all()), what,
-               "log_prob is NaN or infinite at points near its samples (importance-sampling check).")
-        log_mean_w = torch.logsumexp(log_w, 0) - math.log(n)
-        w = torch.exp(log_w - log_w.max())
-        ess_fraction = float(w.sum() ** 2 / (w * w).sum()) / n
-        _check(ess_fraction >= min_ess_fraction, what,
-               f"log_prob does not match the spread of its samples: importance weights p/q are degenerate "
-               f"(effective sample size {ess_fraction:.1%} of {n}); is log_prob far more peaked than sample?")
-        rel_se = float(w.std() / (w.mean() * math.sqrt(n)))
-        log_norm = float(log_mean_w)
-        tolerance = z_threshold * rel_se + 0.02
-        _check(abs(log_norm) <= tolerance, what,
-               f"log_prob is not normalised: the integral of exp(log_prob) is estimated as exp({log_norm:.3f}) "
-               f"(tolerance +-{tolerance:.3f} in log); is a constant missing from log_prob?")
-        fresh = prior.sample(n).to(torch.float64).cpu()
-        weights = w / w.sum()
-        worst = 0.0
-        for label, f_y, f_p in (("mean", y, fresh), ("second moment", y * y, fresh * fresh)):
-            is_mean = (weights[:, None] * f_y).sum(0)
-            is_se = ((weights[:, None] ** 2) * (f_y - is_mean) ** 2).sum(0).sqrt()
-            mc_mean, mc_se = f_p.mean(0), f_p.std(0) / math.sqrt(n)
-            zscores = (is_mean - mc_mean).abs() / (is_se**2 + mc_se**2).sqrt().clamp_min(1e-12)
-            d = int(zscores.argmax())
-            worst = max(worst, float(zscores[d]))
-            _check(float(zscores[d]) <= z_threshold, what,
-                   f"log_prob and sample disagree: the {label} of coordinate {d} is {float(is_mean[d]):.4f} under "
-                   f"log_prob (importance sampling) but {float(mc_mean[d]):.4f} from sample "
-                   f"({float(zscores[d]):.1f} standard errors apart).")
-    return {"log_normaliser": log_norm, "log_normaliser_se": rel_se, "ess_fraction": ess_fraction,
-            "max_moment_zscore": worst}
+def check_density_matches_samples(prior: Prior, *, n: int = 4000, z_threshold: float = 5.0,
+                                  min_ess_fraction: float = 0.02, what: str | None = None) -> dict[str, float]:
+    """`elbokit.contracts.check_density_matches_samples` (the normalisation and moment checks
+    by importance sampling, which `elbokit train` also runs), failing with AssertionError."""
+    with _as_assertion():
+        return contracts.check_density_matches_samples(prior, n=n, z_threshold=z_threshold,
+                                                       min_ess_fraction=min_ess_fraction, what=what)
 
 
 # ---------------------------------------------------------------------- terms and estimators
@@ -373,18 +287,17 @@ def _exercise(what: str, build: Callable[[Prior], Objective], registry: Registry
         for size in (batch_size, batch_size // 2 + 1):
             batch = _minimal_batch(model, needs, size, dataset_size)
             try:
+                # The same per-term check `elbokit train` runs: only declared fields, output
+                # a scalar or shape (B,), finite.
+                for name, term in objective.terms.items():
+                    contracts.run_term(name, term, batch, prior)
                 out = objective(batch)
-                per_term = {name: term(batch, prior) for name, term in objective.terms.items()}
+            except contracts.ContractError as exc:
+                _fail(what, f"with prior '{prior_name}': {str(exc).split(': ', 1)[-1]}")
             except Exception as exc:  # noqa: BLE001 - the failure is the finding
                 _fail(what, f"was accepted with prior '{prior_name}' but failed on a batch holding only what it "
                       f"declares (needs: {', '.join(sorted(needs)) or 'none'}): {type(exc).__name__}: {exc}. "
                       "Declare what it uses in `needs`, or refuse the prior in check_prior.")
-            for value in per_term.values():
-                _check(torch.is_tensor(value) and tuple(value.shape) == (size,), what,
-                       f"must return per-example values of shape ({size},) for a batch of {size}, "
-                       f"got {tuple(value.shape) if torch.is_tensor(value) else type(value).__name__}.")
-                _check(bool(torch.isfinite(value).all()), what,
-                       f"returned NaN or Inf with prior '{prior_name}' (batch of {size}).")
         model.zero_grad()
         _check(out.loss.requires_grad, what,
                f"no gradient reaches the encoder's parameters with prior '{prior_name}' (is the output detached?).")

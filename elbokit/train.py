@@ -649,7 +649,8 @@ class Trainer:
         names = self.objective.term_names
         if bad_step >= 0:
             what = f"term '{names[bad_index]}'" if bad_index < len(names) else "the weighted loss"
-            raise self._diverged(f"{what} became NaN or Inf at step {self.state['step'] + bad_step + 1}", epoch)
+            raise self._diverged(f"{what} became NaN or Inf at step {self.state['step'] + bad_step + 1}", epoch,
+                                 term=names[bad_index] if bad_index < len(names) else None)
         params = self.optimizer.param_groups[0]["params"]
         if all(bool(torch.isfinite(p).all()) for p in params):
             return
@@ -660,10 +661,19 @@ class Trainer:
             cause = f", where the largest term was '{name}' = {float(value):.3g}"
         raise self._diverged(f"the parameters became NaN or Inf {where}{cause} (a gradient overflowed)", epoch)
 
-    def _diverged(self, what: str, epoch: int) -> TrainingDiverged:
+    def _diverged(self, what: str, epoch: int, term: str | None = None) -> TrainingDiverged:
+        from .contracts import plugin_suspects
+
         cfg = self.setup.config["train"]
         clip = 1.0 if not 0 < cfg["grad_clip"] <= 1.0 else cfg["grad_clip"] / 10
         kept = self._written_epoch
+        # A non-finite term computed by a plugin's component: name it instead of blaming the step size.
+        suspects = plugin_suspects(self.objective, self.setup.registry, term) if term is not None else None
+        if suspects:
+            return TrainingDiverged(
+                f"Training diverged: {what} (epoch {epoch}), computed with {suspects}: check that component "
+                f"with elbokit.testing or report it to the plugin's author; the last good checkpoint (epoch {kept}"
+                f"{': the initial state' if kept == 0 else ''}) is kept.")
         return TrainingDiverged(
             f"Training diverged: {what} (epoch {epoch}); the last good checkpoint (epoch {kept}"
             f"{': the initial state' if kept == 0 else ''}) is kept. Resume with a lower learning rate or "

@@ -138,7 +138,7 @@ class WrongShapePrior(NormalPrior):
 
 
 def test_sample_shape_is_checked():
-    with pytest.raises(AssertionError, match=r"sample\(4000\) has shape \(4000, 3\), expected \(4000, 2\)"):
+    with pytest.raises(AssertionError, match=r"sample\(4000\) must have shape \(4000, 2\) \(the latent dimension is 2\), got \(4000, 3\)"):
         check_prior(WrongShapePrior())
 
 
@@ -183,12 +183,25 @@ def test_log_prob_must_be_differentiable_in_z():
 
 # ----------------------------------------------------------------- terms and estimators that fail
 class ScalarTerm(elbokit.ElboTerm):
-    """Returns the batch mean instead of one value per example."""
+    """Returns the batch mean instead of one value per example (allowed: it counts for every example)."""
 
     name = "scalar"
 
     def forward(self, batch, prior):
         return batch.z.pow(2).sum(-1).mean()
+
+
+class ColumnTerm(elbokit.ElboTerm):
+    """Returns (B, 1), which would broadcast to (B, B) against the other terms."""
+
+    name = "column"
+
+    def forward(self, batch, prior):
+        return batch.z.pow(2).sum(-1, keepdim=True)
+
+
+def test_a_scalar_term_is_accepted_and_counts_for_every_example():
+    assert check_term(ScalarTerm)["accepted"] == ["standard-normal", "gmm", "samples"]
 
 
 class UndeclaredPositivesTerm(elbokit.ElboTerm):
@@ -232,16 +245,16 @@ class ClashingTerm(DetachedTerm):
 
 
 @pytest.mark.parametrize("term_cls, message", [
-    (ScalarTerm, r"term 'scalar': must return per-example values of shape \(16,\) for a batch of 16, got \(\)"),
-    (UndeclaredPositivesTerm, r"term 'sneaky-positives': was accepted with prior 'standard-normal' but failed on a "
-                              r"batch holding only what it declares \(needs: none\): TypeError"),
+    (ColumnTerm, r"term 'column': with prior 'standard-normal': must return one loss value per example, "
+                 r"shape \(16,\) for a batch of 16 \(or a scalar\), got \(16, 1\)"),
+    (UndeclaredPositivesTerm, r"term 'sneaky-positives': with prior 'standard-normal': reads batch.z_pos but does "
+                              r"not declare 'positives' in needs"),
     (UndeclaredDensityTerm, r"term 'sneaky-density': was accepted with prior 'samples' but failed .*"
                             r"NotImplementedError: Prior 'samples' has no log_prob"),
     (DetachedTerm, r"term 'detached': no gradient reaches the encoder's parameters"),
     (UnknownNeedTerm, r"term 'needy': declares unknown needs \['labels'\]"),
-    (ClashingTerm, r"term 'kl': cannot be registered: The term name 'kl' is registered by both "
-                   r"'elbokit.default_plugins.terms' and 'elbokit.testing\[test_testing.ClashingTerm\]'; "
-                   r"keeping the one from 'elbokit.default_plugins.terms'\."),
+    (ClashingTerm, r"term 'kl': cannot be registered: The term name 'kl' is a built-in's and stays so; plugin "
+                   r"'elbokit.testing\[test_testing.ClashingTerm\]' registers it too"),
 ])
 def test_broken_terms_fail_with_a_clear_message(term_cls, message):
     with pytest.raises(AssertionError, match=message):
@@ -277,7 +290,7 @@ class BadKindEstimator(NaNEstimator):
 
 
 def test_broken_estimators_fail_with_a_clear_message():
-    with pytest.raises(AssertionError, match=r"estimator 'cross_entropy/nan': returned NaN or Inf with prior 'samples'"):
+    with pytest.raises(AssertionError, match=r"estimator 'cross_entropy/nan': with prior 'samples': returned NaN or Inf on a batch of 16"):
         check_estimator(NaNEstimator)
     with pytest.raises(AssertionError, match="kind must be one of exact, lower bound, upper bound, estimate, got 'guess'"):
         check_estimator(BadKindEstimator)

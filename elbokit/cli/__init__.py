@@ -19,6 +19,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _global_options(
+    show_traceback: bool = typer.Option(False, "--traceback", help="When a plugin's code raises, print the full "
+                                        "traceback after the one-line error (also ELBOKIT_TRACEBACK=1)."),
+) -> None:
+    """Compose, train and honestly evaluate VAE objectives from pluggable terms, priors and estimators."""
+    from .common import set_traceback
+
+    set_traceback(show_traceback)
+
+
 for _commands in (listing, train, evaluate, data, plot, benchmark):
     _commands.register(app)
 

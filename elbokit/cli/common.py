@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import functools
+import traceback
 import json
+import os
 import sys
 from typing import Any, Callable, NoReturn
 
+import click
 import typer
 
+EXIT_BUG = 1  # an unexpected failure: elbokit's bug, or a plugin's when its code raised
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # training stopped on a NaN/Inf loss: not bad input, the run is kept and resumable
 EXIT_OS_ERROR = 4  # the OS refused a write (disk full, permissions, read-only): not bad input, not a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143
+TRACEBACK_ENV = "ELBOKIT_TRACEBACK"
+
+_traceback_option = False  # set by `elbokit --traceback`
+
+
+def set_traceback(on: bool) -> None:
+    global _traceback_option
+    _traceback_option = bool(on)
+
+
+def traceback_wanted() -> bool:
+    """`elbokit --traceback ...` or ELBOKIT_TRACEBACK=1: print the full traceback of a plugin's exception."""
+    return _traceback_option or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -30,9 +47,19 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return func(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except ElbokitError as exc:
             fail(str(exc))
-        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        except Exception as exc:
+            message = plugin_failure(exc)
+            if message is not None:
+                if traceback_wanted():
+                    traceback.print_exc(file=sys.stderr)
+                fail(message, EXIT_BUG)
+            if not isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                                    PermissionError)):
+                raise
             # A path elbokit was given (or derived from one) that cannot be used as such.
             if getattr(exc, "filename", None):
                 fail(f"{exc.strerror or exc}: {exc.filename}; check the path and its permissions.")
@@ -43,6 +70,25 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             fail(f"{exc.strerror or exc}{where}.", EXIT_OS_ERROR)
 
     return wrapper
+
+
+def plugin_failure(exc: BaseException) -> str | None:
+    """One line for an exception raised inside a plugin's code (found by walking the
+    traceback), naming the plugin, the component and the message; None if no plugin's code
+    raised it (then it is elbokit's bug and the traceback is printed as usual)."""
+    from elbokit.plugins import get_registry
+
+    try:
+        blamed = get_registry().blame(exc)
+    except Exception:  # noqa: BLE001 - never hide the original exception
+        return None
+    if blamed is None:
+        return None
+    plugin, entry = blamed
+    who = entry.label if entry is not None else f"plugin '{plugin}'"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"{who} raised {type(exc).__name__}{': ' + text if text else ''}. This is a bug in the plugin, not in "
+            f"your input: report it to its author (the full traceback: elbokit --traceback ..., or {TRACEBACK_ENV}=1).")
 
 
 def print_json(obj: Any) -> None:

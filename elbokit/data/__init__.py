@@ -149,12 +149,13 @@ def load_dataset(source: str, options: dict[str, Any] | None = None, seed: int =
             raise ElbokitError(f"Dataset options ({', '.join(sorted(options))}) apply to generated datasets, not to the file {source}.")
         return load_file(source)
     entry = registry.dataset(source)  # unknown names: one line listing the valid ones
+    from elbokit.objective import coerce_options, option_specs
+
     params = inspect.signature(entry.loader).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    bad = [k for k in options if not takes_any and k not in params]
-    if bad:
-        valid = ", ".join(k for k in params if k != "seed") or "none"
-        raise ElbokitError(f"Dataset '{source}' does not take option '{bad[0]}' (its options: {valid}).")
+    specs = option_specs(entry.loader, hidden=("seed",))
+    if not takes_any:  # the declared options, with their types: one line listing them if wrong
+        options = coerce_options(f"dataset '{source}'", specs, options)
     if takes_any or "seed" in params:
         options["seed"] = int(seed)
     try:
