@@ -27,6 +27,7 @@ _EXPORTS = {
     "Likelihood": "likelihoods", "make_likelihood": "likelihoods",
     "PRESETS": "objective", "Objective": "objective", "ObjectiveOutput": "objective",
     "build_objective": "objective", "parse_terms": "objective",
+    "OptionSpec": "objective", "option_specs": "objective",
     "Registry": "plugins", "get_registry": "plugins",
     "Prior": "priors",
     "ElboTerm": "terms",
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .estimators import NEEDS, QUANTITIES, Estimator
     from .likelihoods import Likelihood, make_likelihood
     from .models import VAE
-    from .objective import PRESETS, Objective, ObjectiveOutput, build_objective, parse_terms
+    from .objective import PRESETS, Objective, ObjectiveOutput, OptionSpec, build_objective, option_specs, parse_terms
     from .plugins import Registry, get_registry
     from .priors import Prior
     from .run import load_run

@@ -197,8 +197,6 @@ class Registry:
         info = self.plugins.get(plugin)
         if info is not None:
             info.errors.append(message)
-            if not info.registers:
-                info.status = "failed"
 
     def _warn(self, plugin: str, message: str, strict: bool = False) -> None:
         if strict:
@@ -237,7 +235,8 @@ class Registry:
         # Loaded one by one (not pm.load_setuptools_entrypoints) so that one broken plugin is
         # reported and skipped instead of stopping elbokit; each entry point on its own (a
         # distribution may ship several), attributed to its distribution.
-        eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+        # In a fixed order (by distribution, then entry point), whatever the order of sys.path.
+        eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (_dist_name(e), e.name))
         per_dist = Counter(_dist_name(ep) for ep in eps)
         sources = []
         for ep in eps:

@@ -13,6 +13,13 @@ that names the component and what is wrong, and returns a dict of what it measur
 checks need no test framework, are deterministic (seeded, without touching the global random
 state) and take well under a second for small components.
 
+The checks that `elbokit train` also runs before a run starts live in `elbokit.contracts`
+and are called from here, so a component that passes these checks is never refused there:
+sample shape and finiteness, `rsample` where `has_rsample` is declared, `log_prob` shape and
+finiteness, the normalisation of `log_prob`, and each term's output (a scalar or (B,), finite,
+reading only the `Batch` fields its `needs` declare). The kit checks more (moments, gradients,
+`spec()`), and raises `AssertionError` where `elbokit train` prints one `Error:` line.
+
 - `check_prior`: the flags, `sample` (shape, dtype, device, finite), `spec()` (JSON-able, and
   rebuilds a prior into which the `state_dict` loads), and `log_prob`: shape, finite,
   differentiable in z, equal to `distribution().log_prob`, raising `NotImplementedError` when
@@ -21,8 +28,8 @@ state) and take well under a second for small components.
 - `check_term` / `check_estimator`: name, docstring, declared needs; for each of three test
   priors (`standard-normal`, `gmm`, sample-only `samples`) the objective either refuses the
   component when it is built (it must when `prior_log_prob` is declared and the prior has no
-  density) or runs it on a batch that holds only what the component declares: output of shape
-  (B,), finite, for two batch sizes, with gradients reaching the encoder's parameters.
+  density) or runs it on a batch that holds only what the component declares: output a scalar
+  or of shape (B,), finite, for two batch sizes, with gradients reaching the encoder's parameters.
 """
 
 from __future__ import annotations

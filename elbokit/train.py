@@ -397,7 +397,7 @@ class Trainer:
     def _checkpoint_state(self) -> dict[str, Any]:
         s = self.setup
         return {**self.state, "select_metric": self.select_metric,
-                "prior": {"name": s.prior.name, "spec": s.prior.spec()},
+                "prior": {"name": s.config["prior"]["name"], "spec": s.prior.spec()},  # as looked up (PLUGIN:NAME too)
                 "model": {"data_dim": s.dataset.dim, "latent_dim": s.config["model"]["latent_dim"],
                           "hidden": s.config["model"]["hidden"]},
                 "dataset_size": len(s.indices["train"]), "has_positives": s.splits["train"].x_pos is not None,

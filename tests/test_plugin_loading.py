@@ -120,26 +120,61 @@ def test_a_hook_that_raises_is_reported_and_skipped(fake_plugins):
 def test_a_name_taken_by_a_builtin_stays_the_builtins(fake_plugins):
     fake_plugins.add("elbokit-dup", GOOD_PRIOR.format(name="gmm"))
     registry = build()
-    assert registry.failures == [(
+    assert registry.failures == []
+    assert registry.warnings == [(
         "elbokit-dup",
-        "The prior name 'gmm' is registered by both 'elbokit.default_plugins.priors' and 'elbokit-dup'; "
-        "keeping the one from 'elbokit.default_plugins.priors'.",
+        "The prior name 'gmm' is a built-in's and stays so; plugin 'elbokit-dup' registers it too, and its prior is "
+        "'elbokit-dup:gmm' (register it with override=True to replace the built-in).",
     )]
     assert registry.priors["gmm"].plugin == "elbokit.default_plugins.priors"
+    assert registry.prior("elbokit-dup:gmm").__doc__ == "A prior from a fake plugin."  # still reachable
+    with pytest.raises(PluginError, match="is a built-in's and stays so"):
+        Registry.build(load_entry_points=True, strict=True)
+
+
+OVERRIDE_PRIOR = GOOD_PRIOR.replace("register(FakePrior)", "register(FakePrior, override=True)")
+
+
+def test_override_true_replaces_a_builtin_which_stays_reachable_by_its_qualified_name(fake_plugins):
+    fake_plugins.add("elbokit-override", OVERRIDE_PRIOR.format(name="gmm"))
+    registry = build()
+    assert registry.priors["gmm"].plugin == "elbokit-override"
+    assert registry.prior("elbokit:gmm").__module__ == "elbokit.default_plugins.priors"
+    assert registry.warnings == [("elbokit-override", "Plugin 'elbokit-override' overrides the built-in prior 'gmm' "
+                                  "(the built-in is still 'elbokit:gmm').")]
 
 
 def test_a_name_registered_by_two_plugins_names_both(fake_plugins):
     fake_plugins.add("elbokit-twin-a", GOOD_PRIOR.format(name="twin"))
     fake_plugins.add("elbokit-twin-b", GOOD_PRIOR.format(name="twin"))
     registry = build()
-    assert registry.failures == [(
+    assert registry.warnings == [(
         "elbokit-twin-b",
         "The prior name 'twin' is registered by both 'elbokit-twin-a' and 'elbokit-twin-b'; "
-        "keeping the one from 'elbokit-twin-a'.",
+        "use 'elbokit-twin-a:twin' or 'elbokit-twin-b:twin'.",
     )]
-    assert registry.priors["twin"].plugin == "elbokit-twin-a"
+    assert "twin" not in registry.priors
+    with pytest.raises(PluginError, match=r"^The prior name 'twin' is registered by several plugins; pick one: "
+                                          r"'elbokit-twin-a:twin' or 'elbokit-twin-b:twin'\.$"):
+        registry.prior("twin")
+    assert registry.entry("prior", "elbokit-twin-b:twin").plugin == "elbokit-twin-b"
     with pytest.raises(PluginError, match="registered by both 'elbokit-twin-a' and 'elbokit-twin-b'"):
         Registry.build(load_entry_points=True, strict=True)
+
+
+def test_provenance_names_plugin_distribution_and_version(fake_plugins):
+    import elbokit
+
+    fake_plugins.add("elbokit-good", GOOD_PRIOR.format(name="good-prior"), version="0.3.1")
+    registry = build()
+    assert registry.provenance("prior", "good-prior") == {
+        "kind": "prior", "name": "good-prior", "qualified": "elbokit-good:good-prior", "plugin": "elbokit-good",
+        "distribution": "elbokit-good", "version": "0.3.1", "entry_point": "elbokit-good", "builtin": False}
+    assert registry.provenance("estimator", "mws", quantity="entropy") == {
+        "kind": "estimator", "name": "entropy/mws", "qualified": "elbokit:mws", "plugin": "elbokit.default_plugins.estimators",
+        "distribution": "elbokit", "version": elbokit.__version__, "entry_point": None, "builtin": True}
+    prior = registry.prior("good-prior")(dim=2)
+    assert registry.entry_for(prior) is registry.entry("prior", "good-prior")  # from a built object too
 
 
 def test_each_failure_is_one_warning_line(fake_plugins, capsys):

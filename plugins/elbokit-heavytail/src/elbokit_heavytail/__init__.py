@@ -52,7 +52,7 @@ class StudentTPrior(Prior):
         self.scale = _positive("scale", self.name, scale)
 
     def distribution(self) -> D.Distribution:
-        zeros = self._anchor.new_zeros(self.dim)
+        zeros = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
         return D.Independent(D.StudentT(zeros + self.df, zeros, zeros + self.scale), 1)
 
     def sample(self, n: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ class CauchyPrior(Prior):
         self.scale = _positive("scale", self.name, scale)
 
     def distribution(self) -> D.Distribution:
-        zeros = self._anchor.new_zeros(self.dim)
+        zeros = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
         return D.Independent(D.Cauchy(zeros, zeros + self.scale), 1)
 
     def sample(self, n: int) -> torch.Tensor:

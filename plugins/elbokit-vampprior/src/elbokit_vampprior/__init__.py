@@ -65,8 +65,8 @@ class VampPrior(Prior):
         if data_dim < 1:
             raise ElbokitError(f"The 'vamp' prior needs data_dim >= 1, got {data_dim}.")
         self.data_dim = data_dim
-        init = torch.randn(self.n_components, data_dim, dtype=self._anchor.dtype,
-                           device=self._anchor.device) * self.init_std
+        init = torch.randn(self.n_components, data_dim, dtype=self.dtype,
+                           device=self.device) * self.init_std
         self.pseudo_inputs = nn.Parameter(init)
 
     def attach(self, model: Any) -> None:
