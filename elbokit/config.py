@@ -376,7 +376,10 @@ def _toml_value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        text = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        # TOML forbids other control characters in a basic string: write them as \uXXXX.
+        text = "".join(f"\\u{ord(c):04x}" if (ord(c) < 0x20 and c != "\t") or ord(c) == 0x7f else c for c in text)
+        return '"' + text + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

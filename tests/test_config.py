@@ -91,6 +91,7 @@ partial = st.dictionaries(st.sampled_from([*config.SCHEMA, "bogus"]),
 @given(partial)
 @example({"train": {"seed": float("nan")}})  # found by this test on some runs only: now every run
 @example({"data": {"seed": float("inf"), "n": float("-inf")}})
+@example({"data": {}, "prior": {"name": "\x1b"}})  # a control character in a string: written as \\u001b
 def test_any_config_is_a_valid_result_or_the_clean_error(cfg):
     try:
         out = config.resolve(cfg)
