@@ -400,23 +400,30 @@ def provenance(components: Any) -> list[dict[str, Any]]:
     registry = components.registry
     rows: list[dict[str, Any]] = []
 
-    def add(kind: str, name: str, table: dict, key: Any) -> None:
-        entry = table.get(key)
+    def add(kind: str, name: str, table: dict, key: Any, obj: Any = None) -> None:
+        # The object itself identifies its plugin even when two plugins share a bare name.
+        entry = registry.entry_for(obj) if obj is not None and hasattr(registry, "entry_for") else None
+        if entry is None:
+            entry = table.get(key)
         plugin = entry.plugin if entry is not None else None
-        rows.append({"kind": kind, "name": name, "plugin": plugin,
-                     "plugin_version": plugin_version(registry, plugin) if plugin else None})
+        row = {"kind": kind, "name": name, "plugin": plugin,
+               "plugin_version": plugin_version(registry, plugin) if plugin else None}
+        if entry is not None and getattr(entry, "qualified", None):
+            row["qualified"] = entry.qualified
+        rows.append(row)
 
     dataset = components.config["data"]["dataset"]
     if dataset in registry.datasets:
         add("dataset", dataset, registry.datasets, dataset)
     else:
         rows.append({"kind": "dataset", "name": dataset, "plugin": None, "plugin_version": None, "file": True})
-    add("prior", components.prior.name, registry.priors, components.prior.name)
+    add("prior", components.prior.name, registry.priors, components.prior.name, components.prior)
     for name, term in components.objective.terms.items():
-        add("term", name, registry.terms, name)
+        add("term", name, registry.terms, name, term)
         estimator = getattr(term, "estimator", None)
         if estimator is not None:
-            add("estimator", f"{term.quantity}/{estimator.name}", registry.estimators, (term.quantity, estimator.name))
+            add("estimator", f"{term.quantity}/{estimator.name}", registry.estimators,
+                (term.quantity, estimator.name), estimator)
     return rows
 
 
@@ -440,7 +447,13 @@ def check_metadata(rd: "RunDir", registry: Any) -> list[str]:
             continue
         kind, name = c["kind"], c["name"]
         key = tuple(name.split("/", 1)) if kind == "estimator" else name
-        entry = (registry.estimators if kind == "estimator" else tables.get(kind, {})).get(key)
+        entry = None
+        qualified = c.get("qualified")
+        if qualified and hasattr(registry, "qualified"):
+            qkey = (key[0], qualified) if kind == "estimator" else qualified
+            entry = registry.qualified.get((kind, qkey))
+        if entry is None:
+            entry = (registry.estimators if kind == "estimator" else tables.get(kind, {})).get(key)
         if entry is None:
             raise ElbokitError(f"{rd.path} was made with the {kind} '{name}' of plugin '{c['plugin']}' "
                                f"{c.get('plugin_version') or ''}, which is not installed now: install that plugin to use this run.")

@@ -462,6 +462,12 @@ def test_two_plugins_with_one_name_are_both_listed_and_the_bare_name_is_refused(
     result = run_cli(*train_args(tmp_path, "--prior", "elbokit-twin-b:twin"))
     assert result.exit_code == 0, result.stderr
     assert installed.provenance("prior", "elbokit-twin-b:twin")["version"] == "2.0.0"
+    # The run records the plugin that supplied its prior, not whichever registered the bare name first.
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    (prior,) = [c for c in meta["components"] if c["kind"] == "prior"]
+    assert (prior["plugin"], prior["plugin_version"], prior["qualified"]) == ("elbokit-twin-b", "2.0.0", "elbokit-twin-b:twin")
+    result = run_cli("evaluate", str(tmp_path / "run"), "--iw-samples", "2", "--json")
+    assert result.exit_code == 0, result.stderr
 
 
 # -------------------------------------------------------------- refused when the objective is built
