@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from . import benchmark, data, evaluate, listing, plot, train
+from . import benchmark, data, evaluate, listing, plot, train, use
 
 app = typer.Typer(
     name="elbokit",
@@ -74,7 +74,7 @@ def _root(
         print(ctx.get_help())
         raise typer.Exit(0)
 
-for _commands in (listing, train, evaluate, data, plot, benchmark):
+for _commands in (listing, train, evaluate, data, plot, benchmark, use):
     _commands.register(app)
 
 
