@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from . import benchmark, data, evaluate, listing, plot, train, use
+from . import benchmark, data, evaluate, listing, plot, runs, train, use
 
 app = typer.Typer(
     name="elbokit",
@@ -74,7 +74,7 @@ def _root(
         print(ctx.get_help())
         raise typer.Exit(0)
 
-for _commands in (listing, train, evaluate, data, plot, benchmark, use):
+for _commands in (listing, train, evaluate, data, plot, benchmark, use, runs):
     _commands.register(app)
 
 
