@@ -85,5 +85,35 @@ def compare(
                 [[key, *(_num(v, digits=3) for v in values)] for key, values in result["metrics"].items()])
 
 
+@runs_app.command("mlflow")
+@handle_errors
+def mlflow_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories to log."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="The MLflow store [sqlite:///<each run's parent>/mlflow.db]."),
+    experiment: str = typer.Option("elbokit", "--experiment", help="The MLflow experiment."),
+    json_output: bool = typer.Option(False, "--json", help="Print the MLflow run ids as JSON."),
+) -> None:
+    """Log run directories to MLflow (needs the mlflow extra): config as parameters, metrics per epoch, summary and figures."""
+    from elbokit.errors import ElbokitError
+    from elbokit.runs import is_run_dir
+    from elbokit.tracking import _mlflow, default_tracking_uri, log_run
+
+    _mlflow()  # one clear line, before anything, when mlflow is not installed
+    for path in run_dirs:
+        if not is_run_dir(path):
+            raise ElbokitError(f"{path} is not an elbokit run directory (no config.toml).")
+    logged = []
+    for path in run_dirs:
+        uri = tracking_uri or default_tracking_uri(path.resolve().parent)
+        logged.append({"run_dir": str(path), "tracking_uri": uri,
+                       "run_id": log_run(path, uri, experiment=experiment)})
+    if json_output:
+        print_json(logged)
+    else:
+        for item in logged:
+            console().print(f"Logged {item['run_dir']} to {item['tracking_uri']} (run {item['run_id']})",
+                            highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(runs_app, name="runs")
