@@ -108,9 +108,21 @@ def test_plot_bad_input_is_one_line_and_writes_nothing(runs, run_cli, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def _nested(record):
+    """A record as the training loop wrote it before elbokit.metrics (nested, old names)."""
+    from elbokit.metrics import flat_record, term_losses
+
+    r = flat_record(record)
+    return {"epoch": r["epoch"], "step": r["step"],
+            "train": {"loss": r["train_loss"], "terms": term_losses(r)},
+            "val": {k[len("val_"):]: v for k, v in r.items() if k.startswith("val_")},
+            "select_metric": r["select_metric"][len("val_"):], "improved": r["improved"],
+            "best_value": r["best_val"], "best_epoch": r["best_epoch"], "seconds": r["seconds"]}
+
+
 def test_old_and_flat_metric_records_plot_the_same(runs, tmp_path):
-    """A run directory without run.json and with the summary names used before elbokit.metrics,
-    and one whose metrics.jsonl holds flat records with the current names, plot alike."""
+    """A run directory without run.json, with nested metrics records under the names used
+    before elbokit.metrics, plots the same as the run with flat records and current names."""
     from elbokit.metrics import flat_record
     from elbokit.plot import loss_figure, terms_figure
     from elbokit.run import load_run
@@ -118,8 +130,10 @@ def test_old_and_flat_metric_records_plot_the_same(runs, tmp_path):
     old, flat = tmp_path / "old", tmp_path / "flat"
     shutil.copytree(runs / "L2", old)
     (old / "run.json").unlink(missing_ok=True)
+    records = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
+    (old / "metrics.jsonl").write_text("".join(json.dumps(_nested(r)) + "\n" for r in records))
+    assert "train" in json.loads((old / "metrics.jsonl").read_text().splitlines()[0])
     shutil.copytree(runs / "L2", flat)
-    records = [json.loads(line) for line in (flat / "metrics.jsonl").read_text().splitlines()]
     (flat / "metrics.jsonl").write_text("".join(json.dumps(flat_record(r)) + "\n" for r in records))
 
     def data(fig):
