@@ -142,7 +142,7 @@ def test_digits_with_bernoulli_is_not_standardised(tmp_path, run_cli):
     res = run_cli("plot", tmp_path / "d", "--json")
     assert res.exit_code == 0, res.stderr
     plots = json.loads(res.stdout)["plots"]
-    assert [p.rsplit("/", 1)[1] for p in plots] == ["terms.png", "latents.png", "reconstructions.png"]
+    assert [p.rsplit("/", 1)[1] for p in plots] == ["loss.png", "terms.png", "latents.png", "reconstructions.png"]
     for p in plots:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -151,7 +151,7 @@ def test_plot_of_non_image_data_and_of_a_non_run(tmp_path, run_cli):
     assert run_cli("train", *FAST, "--out", tmp_path / "r").exit_code == 0
     res = run_cli("plot", tmp_path / "r", "--json")
     assert res.exit_code == 0, res.stderr
-    assert [p.rsplit("/", 1)[1] for p in json.loads(res.stdout)["plots"]] == ["terms.png", "latents.png"]
+    assert [p.rsplit("/", 1)[1] for p in json.loads(res.stdout)["plots"]] == ["loss.png", "terms.png", "latents.png"]
     res = run_cli("plot", tmp_path)
     assert res.exit_code == 2 and "not an elbokit run directory" in res.stderr
 

@@ -114,6 +114,64 @@ def console():
     return Console()
 
 
+PROSE_MIN = 12
+"""A column of prose (a cell of more than two words) is at least this wide, or its longest word."""
+
+
+def column_widths(columns: list[str], cells: list[list[str]], avail: int) -> list[int | None]:
+    """Widths for the `avail` characters a table's cells have (its width less borders and
+    padding), or None each where the cells fit as they are. Rich's own fitting shrinks the
+    widest columns first and so breaks words everywhere. Here a column of names (cells of
+    one or two words) gets its longest word (up to 24 characters), a column of prose at least
+    PROSE_MIN, the rest of the width goes to the columns with longer text in proportion to
+    what they lack, and when even that does not fit, the widest columns give way first."""
+    n = len(columns)
+    natural = [max([len(columns[i])] + [len(row[i]) for row in cells] + [1]) for i in range(n)]
+    if sum(natural) <= avail:
+        return [None] * n
+    widths = []
+    for i in range(n):
+        longest_word = max([len(w) for row in cells for w in row[i].split()] + [len(w) for w in columns[i].split()])
+        prose = any(len(row[i].split()) > 2 for row in cells)
+        widths.append(min(natural[i], longest_word, PROSE_MIN if prose else 24))
+    while sum(widths) > avail and max(widths) > 4:
+        widths[widths.index(max(widths))] -= 1
+    spare = avail - sum(widths)
+    lacking = [natural[i] - widths[i] for i in range(n)]
+    if spare > 0 and sum(lacking) > 0:
+        widths = [w + min(lack, spare * lack // sum(lacking)) for w, lack in zip(widths, lacking)]
+    return widths
+
+
+def print_table(title: str | None, columns: list[str], rows: list[list[Any]], *, caption: str | None = None,
+                stderr: bool = False) -> None:
+    """A rich table that wraps by column: every column is at least as wide as its longest word
+    (up to 24 characters), so names are not broken and prose wraps between words, and the
+    longer columns take more of the remaining width (a word longer than its column is folded,
+    never cut with an ellipsis). Cells are plain text: a "[default]" in them is printed as is."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from rich import box
+
+    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    # Rules under the title and the header only, no vertical borders: more of a narrow
+    # terminal for the text.
+    table = Table(title=escape(title) if title else None, caption=escape(caption) if caption else None,
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for header in columns:
+        table.add_column(escape(header), overflow="fold")
+    out = Console(stderr=True) if stderr else console()
+    # The width the cells have: the console's, less the table's borders and padding.
+    avail = out.width - table._extra_width - sum(table._get_padding_width(i) for i in range(len(columns)))
+    for column, width in zip(table.columns, column_widths(columns, cells, avail)):
+        column.width = width
+    for row in cells:
+        table.add_row(*(escape(c) for c in row))
+    out.print(table)
+
+
 def registry():
     """The process registry; plugin failures are reported as one warning line each."""
     from elbokit.plugins import get_registry

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import console, handle_errors, print_json, registry
+from .common import console, handle_errors, print_json, print_table, registry
 
 data_app = typer.Typer(help="Generate the paper's synthetic datasets and list the registered ones.", no_args_is_help=True)
 
@@ -60,15 +60,9 @@ def list_datasets(json_output: bool = typer.Option(False, "--json", help="Print 
     rows = [{"name": name, "description": e.description, "plugin": e.plugin} for name, e in reg.datasets.items()]
     if json_output:
         return print_json(rows)
-    from rich.table import Table
-
-    table = Table(title="Datasets (or give a .npz/.npy/.csv file to --data)")
-    for col in ("name", "description", "plugin"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["name"], r["description"],
-                      "built-in" if r["plugin"].startswith("elbokit.default_plugins.") else r["plugin"])
-    console().print(table)
+    print_table("Datasets (or give a .npz/.npy/.csv file to --data)", ["name", "description", "plugin"],
+                [[r["name"], r["description"],
+                  "built-in" if r["plugin"].startswith("elbokit.default_plugins.") else r["plugin"]] for r in rows])
 
 
 def register(app: typer.Typer) -> None:

@@ -6,22 +6,13 @@ from typing import Any
 
 import typer
 
-from .common import console, handle_errors, print_json, registry
+from .common import console, handle_errors, print_json, print_table, registry
 
 JSON_OPTION = typer.Option(False, "--json", help="Print a JSON list instead of a table.")
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, show_lines=False)
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    from rich.markup import escape
-
-    for row in rows:
-        table.add_row(*(escape(str(cell)) for cell in row))
-    console().print(table)
+    print_table(title, columns, rows)
 
 
 def _plugin_label(row: dict[str, Any]) -> str:
