@@ -204,6 +204,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "threads": Key(0, non_negative_int, "CPU threads for torch; 0 (the default): OMP_NUM_THREADS if set, else the CPUs this process may use (affinity, cgroup quota), recorded as the number in the run's config.toml; 1 gives numbers bit-identical across machines of the same CPU type and torch build", "--threads"),
         "val_seed": Key(1234, any_int, "seed of the Monte-Carlo draws of the validation metric, so it is deterministic", None),
         "evaluate": Key(True, boolean, "evaluate the best checkpoint on the test split at the end (when elbokit.evaluate is installed)", "--evaluate/--no-evaluate"),
+        "lr_schedule": Key("constant", one_of("constant", "cosine", "step", "plateau"), "learning-rate schedule (torch.optim.lr_scheduler): constant; cosine (CosineAnnealingLR from lr to lr_min over lr_cosine_epochs, per step, then lr_min); step (StepLR: times lr_gamma every lr_step_epochs epochs); plateau (ReduceLROnPlateau on the selection metric: times lr_gamma after lr_plateau_patience epochs without improvement)", "--lr-schedule"),
+        "lr_warmup_steps": Key(0, non_negative_int, "linear learning-rate warm-up (LinearLR): optimiser step i (from 0) uses lr * (i + 1) / lr_warmup_steps until it reaches lr; with cosine, the cosine starts after it (0: none)", "--lr-warmup-steps"),
+        "lr_min": Key(0.0, non_negative_float, "the learning rate the cosine schedule ends at", "--lr-min"),
+        "lr_cosine_epochs": Key(0, non_negative_int, "the epochs (warm-up included) over which the cosine schedule falls from lr to lr_min (0: train.max_epochs when the run starts, recorded as the number so that a resume with more epochs keeps the schedule)", "--lr-cosine-epochs"),
+        "lr_step_epochs": Key(30, positive_int, "step schedule: multiply the learning rate by lr_gamma every this many epochs", "--lr-step-epochs"),
+        "lr_gamma": Key(0.1, fraction, "the factor of the step and plateau schedules, in (0, 1]", "--lr-gamma"),
+        "lr_plateau_patience": Key(5, non_negative_int, "plateau schedule: epochs without a better selection metric before the learning rate is multiplied by lr_gamma", "--lr-plateau-patience"),
         "checkpoint_seconds": Key(10.0, non_negative_float, "write checkpoints at most this often during training (0: after every epoch); always at the end, on Ctrl-C/SIGTERM and before a divergence stops the run. A SIGKILL loses at most this much training, which a resume replays exactly", "--checkpoint-seconds"),
     },
     "output": {
@@ -287,6 +294,10 @@ def resolve(file_config: dict[str, Any] | None = None, overrides: dict[str, Any]
     cfg = merge(cfg, overrides or {}, "the command line")
     cfg = validate(cfg)
     _fill_dataset_defaults(cfg)
+    if cfg["train"]["lr_schedule"] == "cosine" and cfg["train"]["lr_cosine_epochs"] == 0:
+        cfg["train"]["lr_cosine_epochs"] = cfg["train"]["max_epochs"]  # recorded, so a resume keeps it
+    if cfg["train"]["lr_schedule"] == "plateau" and cfg["train"]["lr_gamma"] >= 1:
+        raise ElbokitError("train.lr_gamma (--lr-gamma) must be below 1 for the plateau schedule (it multiplies the learning rate).")
     if cfg["data"]["standardize"] == "auto":
         cfg["data"]["standardize"] = str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli"
     return cfg

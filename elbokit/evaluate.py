@@ -28,7 +28,7 @@ import contextlib
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -141,7 +141,8 @@ def mean_and_se(values: torch.Tensor | np.ndarray) -> tuple[float, float]:
 @torch.no_grad()
 def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.Tensor, *,
                              iw_samples: int = DEFAULT_IW_SAMPLES, seed: int = 0,
-                             chunk: int = DEFAULT_ROWS, std: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                             chunk: int = DEFAULT_ROWS, std: torch.Tensor | None = None,
+                             progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor | None]:
     """Per-example estimates (each (N,), model space) from K = `iw_samples` samples z_k ~ q(z|x):
 
     - `iwae`: logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K (None without a
@@ -155,6 +156,7 @@ def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.T
     Exactly K samples per example. Memory is bounded by `chunk` (example, sample) pairs at
     once: examples are taken `chunk // K` at a time, and when K exceeds `chunk` the samples of
     one example are drawn in blocks whose log-sum-exps are combined, so N and K can be large.
+    `progress(done, total)` is called after each block with the (example, sample) pairs done.
     """
     K = int(iw_samples)
     if K <= 0:
@@ -199,6 +201,8 @@ def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.T
                     log_ratio_sum += log_ratio.sum(0)
                     # Blocks of samples combine exactly: logsumexp over all K = logaddexp of the blocks'.
                     lse = torch.logaddexp(lse, torch.logsumexp(log_lik + log_ratio, dim=0))
+                if progress is not None:
+                    progress(start * K + (k0 + kb) * b, n * K)
             out["log_lik"][start:stop] = log_lik_sum / K
             out["sq_err"][start:stop] = sq_sum / K
             if std is not None:
@@ -209,6 +213,27 @@ def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.T
     result: dict[str, Any] = {name: out.get(name) for name in ("iwae", "log_lik", "kl", "sq_err", "sq_err_original")}
     result["kl_estimator"] = kl_kind if has_log_prob else None
     return result
+
+
+@torch.no_grad()
+def estimate_iw_seconds(model: Any, prior: Any, likelihood: Any, x: torch.Tensor, *, iw_samples: int,
+                        chunk: int = DEFAULT_ROWS) -> float:
+    """The time `importance_sampled_terms` will take on `x` with K = `iw_samples`, measured:
+    one block of `chunk` (example, sample) pairs is timed (after one untimed warm-up block) and
+    scaled to the N x K pairs, which cost the same per pair. Memory does not grow with K (the
+    pass works in blocks), so time is what a large K costs. The random state is left as it was."""
+    K = int(iw_samples)
+    n = x.shape[0]
+    probe_k = max(1, min(K, int(chunk)))
+    probe_rows = max(1, min(n, int(chunk) // probe_k))
+    xb = x[:probe_rows]
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        importance_sampled_terms(model, prior, likelihood, xb[:1], iw_samples=min(probe_k, 64), chunk=chunk)
+        started = time.perf_counter()
+        importance_sampled_terms(model, prior, likelihood, xb, iw_samples=probe_k, chunk=chunk)
+        seconds = time.perf_counter() - started
+    return seconds * (n * K) / (probe_rows * probe_k)
 
 
 # ------------------------------------------------------------ the aggregate posterior
@@ -328,7 +353,8 @@ def _is_gaussian_generator(meta: Mapping[str, Any] | None) -> bool:
 def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: Any = None,
                    meta: Mapping[str, Any] | None = None, standardizer: Any = None,
                    iw_samples: int = DEFAULT_IW_SAMPLES, seed: int = 0, chunk: int = DEFAULT_ROWS,
-                   surgery_samples: int | None = None) -> dict[str, Any]:
+                   surgery_samples: int | None = None, progress: Callable[[int, int], None] | None = None,
+                   check_cost: Callable[[float, int], None] | None = None) -> dict[str, Any]:
     """Every held-out metric of docs/design.md section 5 for data `x` in model (standardised) space.
 
     `z_true` (N, L') gives `latent_r2`; `meta` from the `gaussian` generator (W, noise_std)
@@ -336,6 +362,11 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
     and `mse` into original data units. Returns a JSON-able dict: each estimate as a float
     with `<name>_se` its standard error over examples; what cannot be computed is None, with
     the reason under `unavailable`. See docs/evaluation.md.
+
+    `check_cost(seconds, pairs)`, when given, is called before the importance-sampling pass
+    with its estimated time (`estimate_iw_seconds`) and its N x K (example, sample) pairs: it
+    may raise to refuse a request that would take too long. `progress`: see
+    `importance_sampled_terms`.
     """
     started = time.perf_counter()
     K = int(iw_samples)
@@ -353,7 +384,10 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
     report: dict[str, Any] = {"n": n, "iw_samples": K, "seed": int(seed)}
 
     with _eval_mode(model, prior, likelihood):
-        iw = importance_sampled_terms(model, prior, likelihood, x, iw_samples=K, seed=seed, chunk=chunk, std=std)
+        if check_cost is not None:
+            check_cost(estimate_iw_seconds(model, prior, likelihood, x, iw_samples=K, chunk=chunk), n * K)
+        iw = importance_sampled_terms(model, prior, likelihood, x, iw_samples=K, seed=seed, chunk=chunk, std=std,
+                                      progress=progress)
         loc, scale = encode_all(model, x)
         surgery = aggregate_posterior_terms(loc, scale, prior, samples_per_point=surgery_samples, seed=seed + 1)
 
@@ -437,7 +471,8 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
 
 # ------------------------------------------------------------------------- run dirs
 def evaluate_run(run: Any, split: str = "test", data: Any = None, iw_samples: int = DEFAULT_IW_SAMPLES,
-                 seed: int = 0, chunk: int = DEFAULT_ROWS) -> dict[str, Any]:
+                 seed: int = 0, chunk: int = DEFAULT_ROWS, progress: Callable[[int, int], None] | None = None,
+                 check_cost: Callable[[float, int], None] | None = None) -> dict[str, Any]:
     """`evaluate_model` for a run loaded by `elbokit.run.load_run`, on its `split` or on `data`
     (an `elbokit.data.Dataset` in original units, standardised here with the run's
     standardiser). The trainer stores the result in summary.json."""
@@ -452,7 +487,7 @@ def evaluate_run(run: Any, split: str = "test", data: Any = None, iw_samples: in
         x = standardizer.transform(x)
     report = evaluate_model(run.model, run.prior, run.likelihood, x, z_true=getattr(dataset, "z", None),
                             meta=getattr(dataset, "meta", None), standardizer=standardizer,
-                            iw_samples=iw_samples, seed=seed, chunk=chunk)
+                            iw_samples=iw_samples, seed=seed, chunk=chunk, progress=progress, check_cost=check_cost)
     report["split"] = split if data is None else None
     report["data"] = getattr(dataset, "name", None)
     return report

@@ -137,6 +137,8 @@ TRAINING: dict[str, Metric] = {m.name: m for m in (
     Metric("val_neg_elbo", "val -ELBO", "val_recon + val_kl: -ELBO on the validation split", NATS_MODEL,
            "loss", "lower", note="an upper bound on -log p(x) in the model space, one-sample estimate",
            groups=("train",)),
+    Metric("lr", "learning rate", "the optimiser's learning rate at the end of the epoch (after the schedule's "
+           "step): the one the next step uses", "learning rate", "setting", groups=("train",)),
     Metric("best_val", "best val", "the best value of the selection metric so far (select_metric)", NATS_MODEL,
            "loss", "lower", groups=("train", "summary")),
     Metric("best_epoch", "best epoch", "the epoch of best_val (the best checkpoint)", "count", "counter",

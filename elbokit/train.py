@@ -371,6 +371,7 @@ class Trainer:
         cfg = setup.config["train"]
         self.model, self.objective = setup.model, setup.objective
         self.optimizer = torch.optim.Adam(_parameters(self.model, self.objective), lr=cfg["lr"])
+        self.lr_per_step, self.lr_per_epoch, self._lr_step_limit = self._lr_schedulers()
         self.data_order = torch.Generator().manual_seed(cfg["seed"])
         self.select_metric = _select_metric(setup)
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": 0,
@@ -383,6 +384,48 @@ class Trainer:
         self._pending_best: bytes | None = None
         self._last_write = time.perf_counter()
         self._written_epoch = 0  # the epoch of checkpoints/last on disk
+
+    def _lr_schedulers(self) -> tuple[Any, Any, int]:
+        """The learning-rate schedule of train.lr_schedule and train.lr_warmup_steps, from
+        torch.optim.lr_scheduler: (per-step scheduler or None, per-epoch scheduler or None,
+        the number of steps after which the per-step one holds its last value)."""
+        from torch.optim import lr_scheduler as sched
+
+        cfg = self.setup.config["train"]
+        n = self.setup.splits["train"].x.shape[0]
+        steps_per_epoch = n // min(cfg["batch_size"], n)
+        warmup = cfg["lr_warmup_steps"]
+        opt = self.optimizer
+        # Step i (from 0) uses lr * (i + 1) / W: LinearLR from 1/W to 1 over W - 1 steps.
+        warm = sched.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1) if warmup >= 2 else None
+        per_step, limit = warm, warmup
+        if cfg["lr_schedule"] == "cosine":
+            length = max(1, cfg["lr_cosine_epochs"] * steps_per_epoch - warmup)
+            cosine = sched.CosineAnnealingLR(opt, T_max=length, eta_min=cfg["lr_min"])
+            per_step = sched.SequentialLR(opt, [warm, cosine], milestones=[warmup]) if warm is not None else cosine
+            limit = warmup + length
+        per_epoch = None
+        if cfg["lr_schedule"] == "step":
+            per_epoch = sched.StepLR(opt, step_size=cfg["lr_step_epochs"], gamma=cfg["lr_gamma"])
+        elif cfg["lr_schedule"] == "plateau":
+            per_epoch = sched.ReduceLROnPlateau(opt, mode="min", factor=cfg["lr_gamma"], patience=cfg["lr_plateau_patience"])
+        return per_step, per_epoch, limit
+
+    def _lr_scheduler_states(self) -> dict[str, Any]:
+        return {name: s.state_dict() for name, s in (("per_step", self.lr_per_step), ("per_epoch", self.lr_per_epoch))
+                if s is not None}
+
+    def _set_base_lr(self, lr: float) -> None:
+        """--lr changed on resume: the whole schedule scales by the new/old ratio, from where it is."""
+        for group in self.optimizer.param_groups:
+            old = group.get("initial_lr", group["lr"])
+            group["lr"] = group["lr"] * lr / old if (self.lr_per_step or self.lr_per_epoch) else lr
+            if "initial_lr" in group:
+                group["initial_lr"] = lr
+        for scheduler in (self.lr_per_step, self.lr_per_epoch):
+            for s in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+                if s is not None and hasattr(s, "base_lrs"):
+                    s.base_lrs = [lr for _ in s.base_lrs]
 
     # -- run directory ----------------------------------------------------------------
     def _create_run_dir(self) -> run_mod.RunDir:
@@ -401,7 +444,7 @@ class Trainer:
                 "model": {"data_dim": s.dataset.dim, "latent_dim": s.config["model"]["latent_dim"],
                           "hidden": s.config["model"]["hidden"]},
                 "dataset_size": len(s.indices["train"]), "has_positives": s.splits["train"].x_pos is not None,
-                "terms": s.objective.term_names}
+                "terms": s.objective.term_names, "lr_schedulers": self._lr_scheduler_states()}
 
     def save(self, which: str, progress: dict[str, Any] | None = None) -> None:
         """Checkpoint `which` (best or last). With `progress` (an interrupted epoch), the
@@ -436,8 +479,10 @@ class Trainer:
         run_mod.load_module_state(self.model, run_mod._sub(tensors, "model."), "model", path)
         run_mod.load_module_state(self.objective, run_mod._sub(tensors, "objective."), "objective", path)
         run_mod.load_optimizer_state(self.optimizer, tensors, meta)
-        for group in self.optimizer.param_groups:  # --lr may change on resume
-            group["lr"] = self.setup.config["train"]["lr"]
+        for name, scheduler in (("per_step", self.lr_per_step), ("per_epoch", self.lr_per_epoch)):
+            if scheduler is not None and name in meta.get("lr_schedulers", {}):
+                scheduler.load_state_dict(meta["lr_schedulers"][name])
+        self._set_base_lr(self.setup.config["train"]["lr"])  # --lr may change on resume
         run_mod.set_rng_state(tensors, meta["rng"], self.data_order)
         for key in self.state:
             self.state[key] = meta[key]
@@ -611,6 +656,8 @@ class Trainer:
             if cfg["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
             self.optimizer.step()
+            if self.lr_per_step is not None and self.lr_per_step.last_epoch < self._lr_step_limit:
+                self.lr_per_step.step()
             # Accumulated on the device; read once per epoch (no per-step synchronisation).
             loss = out.loss.detach()
             loss_sum += loss
@@ -634,7 +681,11 @@ class Trainer:
             self.state.update(best_value=value, best_epoch=epoch, bad_epochs=0)
         else:
             self.state["bad_epochs"] += 1
-        return {"epoch": epoch, "step": self.state["step"],
+        if isinstance(self.lr_per_epoch, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_per_epoch.step(value)
+        elif self.lr_per_epoch is not None:
+            self.lr_per_epoch.step()
+        return {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"],
                 "train": {"loss": float(loss_sum) / steps,
                           "terms": {k: float(v) / steps for k, v in term_sums.items()}},
                 "val": val, "select_metric": self.select_metric, "improved": improved,

@@ -99,6 +99,54 @@ def _scored_rows(run: Any, split: str, data: str | None, dataset: Any) -> dict[s
             "training_rows": int(len(run.indices["train"])) if same_file else 0}
 
 
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+class _IwProgress:
+    """The up-front estimate of the IWAE pass (refused above --max-minutes, announced on stderr
+    above a few seconds) and a rich progress bar on stderr while it runs."""
+
+    ANNOUNCE_SECONDS = 5.0
+
+    def __init__(self, iw_samples: int, max_minutes: float):
+        self.iw_samples, self.max_minutes = iw_samples, max_minutes
+        self.bar = self.task = None
+
+    def check_cost(self, seconds: float, pairs: int) -> None:
+        from elbokit.errors import ElbokitError
+
+        what = (f"--iw-samples {self.iw_samples} means {pairs:.3g} decoder evaluations (N x K), estimated at "
+                f"{_duration(seconds)} here (memory stays bounded: the pass works in blocks)")
+        if seconds > self.max_minutes * 60:
+            raise ElbokitError(f"{what}, more than --max-minutes {self.max_minutes:g}; lower --iw-samples "
+                               f"(the IWAE bound tightens slowly in K) or raise --max-minutes.")
+        if seconds > self.ANNOUNCE_SECONDS:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            print(f"Note: {what}.", file=sys.stderr)
+            self.bar = Progress(TextColumn("IWAE samples"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("iwae", total=pairs)
+
+    def progress(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+
+    def __enter__(self) -> "_IwProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory written by `elbokit train`."),
     data: Optional[str] = typer.Option(None, "--data", help="Evaluate this dataset (a name such as gaussian, or a .npz/.npy/.csv file) instead of the run's split; every row is used."),
@@ -109,6 +157,7 @@ def evaluate(
     checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a checkpoint file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the Monte-Carlo samples."),
     device: str = typer.Option("cpu", "--device", help="cpu (default), cuda, cuda:N or auto."),
+    max_minutes: float = typer.Option(60.0, "--max-minutes", help="Refuse, before starting, an IWAE pass estimated (by timing one block here) to take longer than this."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Evaluate a trained run on held-out data against its own prior: ELBO, IWAE, exact log p(x), ELBO surgery."""
@@ -116,6 +165,8 @@ def evaluate(
 
     if iw_samples <= 0:
         raise ElbokitError(f"--iw-samples must be a positive integer, got {iw_samples}.")
+    if not max_minutes > 0:
+        raise ElbokitError(f"--max-minutes must be a positive number, got {max_minutes}.")
     if data is not None and split is not None:
         raise ElbokitError("--split picks one of the run's own splits; with --data the whole given dataset is evaluated.")
     if data is None and (data_option or data_seed):
@@ -137,7 +188,9 @@ def evaluate(
         print(f"Warning: {scored['training_rows']} of the {scored['n']} rows evaluated are rows the model was trained on "
               "(the training split); their bounds are optimistic. Evaluate --split test for held-out numbers.",
               file=sys.stderr)
-    report = evaluate_run(run, split=split or "test", data=dataset, iw_samples=iw_samples, seed=seed)
+    with _IwProgress(iw_samples, max_minutes) as watch:
+        report = evaluate_run(run, split=split or "test", data=dataset, iw_samples=iw_samples, seed=seed,
+                              progress=watch.progress, check_cost=watch.check_cost)
     report["run_dir"] = str(run_dir)
     report["checkpoint"] = checkpoint
     report["rows"] = scored

@@ -100,6 +100,13 @@ def train(
     max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Most epochs [300]."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early-stopping patience in epochs [20]."),
     select: Optional[str] = typer.Option(None, "--select", help="Validation metric: elbo (-ELBO, default) or loss (the objective's)."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="Learning-rate schedule: constant, cosine, step or plateau [constant]."),
+    lr_warmup_steps: Optional[int] = typer.Option(None, "--lr-warmup-steps", help="Linear learning-rate warm-up over this many optimiser steps [0]."),
+    lr_min: Optional[float] = typer.Option(None, "--lr-min", help="The learning rate the cosine schedule ends at [0]."),
+    lr_cosine_epochs: Optional[int] = typer.Option(None, "--lr-cosine-epochs", help="Epochs of the cosine schedule, warm-up included [--max-epochs]."),
+    lr_step_epochs: Optional[int] = typer.Option(None, "--lr-step-epochs", help="Step schedule: multiply by --lr-gamma every this many epochs [30]."),
+    lr_gamma: Optional[float] = typer.Option(None, "--lr-gamma", help="Factor of the step and plateau schedules [0.1]."),
+    lr_plateau_patience: Optional[int] = typer.Option(None, "--lr-plateau-patience", help="Plateau schedule: epochs without improvement before a reduction [5]."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the gradient norm (0: off) [0]."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (0: all cores) [1]."),
@@ -134,7 +141,10 @@ def train(
         _set(o, "prior", "options", dict(config_mod.parse_assignment(t, "--prior-option") for t in prior_option))
     for key, value in (("seed", seed), ("lr", lr), ("batch_size", batch_size), ("max_epochs", max_epochs),
                        ("patience", patience), ("select", select), ("grad_clip", grad_clip), ("device", device), ("threads", threads),
-                       ("evaluate", evaluate), ("checkpoint_seconds", checkpoint_seconds)):
+                       ("evaluate", evaluate), ("checkpoint_seconds", checkpoint_seconds),
+                       ("lr_schedule", lr_schedule), ("lr_warmup_steps", lr_warmup_steps), ("lr_min", lr_min),
+                       ("lr_cosine_epochs", lr_cosine_epochs), ("lr_step_epochs", lr_step_epochs), ("lr_gamma", lr_gamma),
+                       ("lr_plateau_patience", lr_plateau_patience)):
         _set(o, "train", key, value)
     _set(o, "output", "out", out)
     _set(o, "output", "tensorboard", tensorboard)
