@@ -142,10 +142,46 @@ def split_term_config(cfg: dict[str, Any], data_dim: int, registry: Any) -> tupl
     return options, weights
 
 
-def build_model(cfg: dict[str, Any], data_dim: int):
-    from .models import VAE
+def model_name_for(cfg: dict[str, Any], event_shape: tuple[int, ...], from_file: bool) -> str:
+    """The model of `cfg`: its `model.name`, or for `auto`, conv for (N, C, H, W) data files
+    and mlp otherwise (registered image datasets such as digits choose mlp too)."""
+    name = cfg["model"]["name"]
+    if name != "auto":
+        return name
+    return "conv" if from_file and len(event_shape) == 3 else "mlp"
 
-    return VAE(data_dim, cfg["model"]["latent_dim"], cfg["model"]["hidden"])
+
+def resolve_model(cfg: dict[str, Any], event_shape: tuple[int, ...], registry: Any, from_file: bool = False) -> type:
+    """Check `cfg`'s model against the data's event shape and its options against the model's
+    declared ones, and write the chosen name and every option (given or default) back into
+    `cfg["model"]`, so that the saved config.toml rebuilds exactly this model."""
+    name = model_name_for(cfg, tuple(event_shape), from_file)
+    model_cls = registry.model(name)
+    problem = model_cls.unsupported(tuple(event_shape)) if hasattr(model_cls, "unsupported") else None
+    if problem:
+        raise ElbokitError(f"The {problem}; use --model mlp (it flattens any shape) or reshape the data.")
+    defaults = model_cls.option_defaults() if hasattr(model_cls, "option_defaults") else {}
+    given = dict(cfg["model"]["options"])
+    bad = [k for k in given if k not in defaults]
+    if bad:
+        raise ElbokitError(f"Model '{name}' has no option '{bad[0]}' (its options: {', '.join(defaults) or 'none'}).")
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    options.update(given)
+    cfg["model"]["name"], cfg["model"]["options"] = name, options
+    return model_cls
+
+
+def build_model(cfg: dict[str, Any], event_shape: int | tuple[int, ...], registry: Any = None, from_file: bool = False):
+    """The model of `cfg` for examples of `event_shape`, through the `register_models` hook."""
+    from .plugins import get_registry
+
+    registry = registry or get_registry()
+    event_shape = (int(event_shape),) if isinstance(event_shape, int) else tuple(int(s) for s in event_shape)
+    model_cls = resolve_model(cfg, event_shape, registry, from_file)
+    try:
+        return model_cls(event_shape, cfg["model"]["latent_dim"], **cfg["model"]["options"])
+    except (TypeError, ValueError) as exc:
+        raise ElbokitError(f"Bad option for model '{cfg['model']['name']}': {exc}.") from None
 
 
 def build_objective_for(cfg: dict[str, Any], prior: Any, data_dim: int, dataset_size: int,
@@ -306,7 +342,7 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
     # The model is initialised first from the training seed, so the prior and terms
     # (which may draw random numbers too) never change it.
     seed_everything(cfg["train"]["seed"])
-    model = build_model(cfg, dataset.dim)
+    model = build_model(cfg, dataset.event_shape, registry, from_file=bool(dataset.meta.get("source")))
     prior_name = cfg["prior"]["name"]
     if stored is not None:
         prior = prior_from_spec(stored.prior_name, stored.prior_spec, registry)
@@ -352,7 +388,9 @@ def check_contracts(components: Components) -> None:
 def build_from_record(cfg: dict[str, Any], data_dim: int, stored: StoredRun, registry: Any):
     """(model, prior, objective) of a stored run without loading its data: what `load_run`
     needs before the checkpoint's tensors are loaded into them."""
-    model = build_model(cfg, data_dim)
+    info = stored.data_info
+    event_shape = tuple(info.get("event_shape") or (data_dim,))
+    model = build_model(cfg, event_shape, registry, from_file=bool(info.get("source")))
     prior = prior_from_spec(stored.prior_name, stored.prior_spec, registry)
     prior.attach(model)
     objective = build_objective_for(cfg, prior, data_dim, stored.dataset_size, stored.has_positives, registry)

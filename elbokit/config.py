@@ -127,6 +127,18 @@ def table(name: str, value: Any) -> dict:
     return dict(value)
 
 
+def model_table(name: str, value: Any) -> dict[str, Any]:
+    """Model options: like `table`, and lists of numbers too (layer sizes)."""
+    if not isinstance(value, dict):
+        raise ElbokitError(f"{name} must be a table of options, got {value!r}.")
+    for k, v in value.items():
+        ok = isinstance(v, (str, int, float, bool)) or (
+            isinstance(v, (list, tuple)) and all(_num(e) for e in v))
+        if not ok:
+            raise ElbokitError(f"{name}.{k} must be a string, number, boolean or list of numbers, got {v!r}.")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+
+
 def one_of(*choices: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in choices:
@@ -146,15 +158,6 @@ def split_check(name: str, value: Any) -> list[float]:
             or value[0] <= 0 or value[1] <= 0 or abs(sum(value) - 1.0) > 1e-6):
         raise ElbokitError(f"{name} must be three fractions [train, val, test] summing to 1 with train and val > 0, got {value!r}.")
     return [float(v) for v in value]
-
-
-def hidden_check(name: str, value: Any) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ElbokitError(f"{name} must be a non-empty list of layer sizes such as [400, 400], got {value!r}.")
-    for i, v in enumerate(value):
-        if not (_num(v) and float(v) == int(v) and v > 0):
-            raise ElbokitError(f"{name}: layer sizes must be positive integers, got {v!r} at position {i + 1}.")
-    return [int(v) for v in value]
 
 
 def device_check(name: str, value: Any) -> str:
@@ -181,7 +184,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "model": {
         "latent_dim": Key(5, positive_int, "latent dimension L", "--latent-dim"),
-        "hidden": Key([400, 400], hidden_check, "hidden layer sizes of the encoder (the decoder mirrors them)", "--hidden"),
+        "name": Key("auto", string, "a registered model (mlp, conv, ...); auto: conv for (N, C, H, W) data files, mlp otherwise (elbokit models lists them)", "--model"),
+        "options": Key({}, model_table, "the model's options, e.g. hidden = [400, 400] (mlp) or channels = [32, 64] (conv); [model] hidden = [...] is read as options.hidden", "--model-option"),
     },
     "prior": {
         "name": Key("standard-normal", string, "a registered prior (standard-normal, gmm, samples, ...)", "--prior"),
@@ -257,6 +261,10 @@ def merge(base: dict[str, Any], update: dict[str, Any], source: str = "the confi
             raise ElbokitError(f"Unknown config section [{section}] in {source}; valid sections: {', '.join([*SCHEMA, *FREE_SECTIONS])}.")
         if not isinstance(values, dict):
             raise ElbokitError(f"[{section}] in {source} must be a table, got {values!r}.")
+        if section == "model" and isinstance(values, dict) and "hidden" in values:
+            # Configs written before models were plugins: [model] hidden is the mlp's option.
+            values = dict(values)
+            values["options"] = {"hidden": values.pop("hidden"), **(values.get("options") or {})}
         for key, value in values.items():
             if key not in SCHEMA[section]:
                 raise ElbokitError(f"Unknown config key '{section}.{key}' in {source}; valid keys in [{section}]: {valid_keys_text(section)}.")
@@ -287,6 +295,7 @@ def resolve(file_config: dict[str, Any] | None = None, overrides: dict[str, Any]
     cfg = merge(cfg, overrides or {}, "the command line")
     cfg = validate(cfg)
     _fill_dataset_defaults(cfg)
+    _fill_model_defaults(cfg)
     if cfg["data"]["standardize"] == "auto":
         cfg["data"]["standardize"] = str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli"
     return cfg
@@ -324,6 +333,59 @@ def _fill_dataset_defaults(cfg: dict[str, Any]) -> None:
 
 def _dataset_key_checks() -> dict[str, Callable[[str, Any], Any]]:
     return {key: SCHEMA["data"][key].check for key in DATASET_KEYS}
+
+
+def data_file_ndim(path: str | Path) -> int | None:
+    """The number of dimensions of x in a .npy/.npz data file, read from the array header
+    only (no data is loaded); None when it cannot be told (missing or unreadable file, .csv)."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    def header_ndim(fh) -> int:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return len(read(fh)[0])
+
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as fh:
+                return header_ndim(fh)
+        if path.suffix.lower() == ".npz":
+            with zipfile.ZipFile(path) as archive, archive.open("x.npy") as fh:
+                return header_ndim(fh)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, SyntaxError):
+        return None
+    return 2 if path.suffix.lower() == ".csv" else None
+
+
+def _fill_model_defaults(cfg: dict[str, Any]) -> None:
+    """Choose the model for `auto` (conv for (N, C, H, W) data files, mlp otherwise) and write
+    its option defaults for the options not given, so the saved config says everything.
+    Unknown options are refused when the model is built (elbokit.build), with the valid ones."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    mcfg = cfg["model"]
+    if mcfg["name"] == "auto":
+        dataset = cfg["data"]["dataset"]
+        if dataset in registry.datasets:
+            mcfg["name"] = "mlp"
+        else:
+            ndim = data_file_ndim(dataset)
+            if ndim is not None:
+                mcfg["name"] = "conv" if ndim == 4 else "mlp"
+    if mcfg["name"] in registry.models:
+        model_cls = registry.models[mcfg["name"]].obj
+        defaults = model_cls.option_defaults() if hasattr(model_cls, "option_defaults") else {}
+        if hasattr(model_cls, "check_options"):
+            try:
+                model_cls.check_options(mcfg["options"])
+            except ValueError as exc:
+                raise ElbokitError(f"model.options (--model-option): {exc}.") from None
+        mcfg["options"] = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()},
+                           **mcfg["options"]}
 
 
 def dataset_options(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -225,7 +225,7 @@ def save_data_info(run_dir: Path, dataset: Any, indices: dict[str, np.ndarray], 
     arrays = {"standardizer.mean": np.asarray(standardizer.mean, dtype=np.float64),
               "standardizer.std": np.asarray(standardizer.std, dtype=np.float64)}
     arrays.update({f"indices.{k}": np.asarray(v, dtype=np.int64) for k, v in indices.items()})
-    info = {"name": dataset.name, "n": len(dataset), "dim": dataset.dim,
+    info = {"name": dataset.name, "n": len(dataset), "dim": dataset.dim, "event_shape": list(dataset.event_shape),
             "has_positives": dataset.x_pos is not None, "has_latents": dataset.z is not None,
             "image_shape": list(dataset.image_shape) if dataset.image_shape else None,
             "source": dataset.meta.get("source")}
@@ -417,6 +417,8 @@ def provenance(components: Any) -> list[dict[str, Any]]:
         add("dataset", dataset, registry.datasets, dataset)
     else:
         rows.append({"kind": "dataset", "name": dataset, "plugin": None, "plugin_version": None, "file": True})
+    model = components.config["model"]["name"]
+    add("model", model, getattr(registry, "models", {}), model, components.model)
     add("prior", components.prior.name, registry.priors, components.prior.name, components.prior)
     for name, term in components.objective.terms.items():
         add("term", name, registry.terms, name, term)

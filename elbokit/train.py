@@ -398,8 +398,8 @@ class Trainer:
         s = self.setup
         return {**self.state, "select_metric": self.select_metric,
                 "prior": {"name": s.config["prior"]["name"], "spec": s.prior.spec()},  # as looked up (PLUGIN:NAME too)
-                "model": {"data_dim": s.dataset.dim, "latent_dim": s.config["model"]["latent_dim"],
-                          "hidden": s.config["model"]["hidden"]},
+                "model": {"name": s.config["model"]["name"], "data_dim": s.dataset.dim,
+                          "latent_dim": s.config["model"]["latent_dim"], "options": s.config["model"]["options"]},
                 "dataset_size": len(s.indices["train"]), "has_positives": s.splits["train"].x_pos is not None,
                 "terms": s.objective.term_names}
 

@@ -39,7 +39,13 @@ class Dataset:
 
     @property
     def dim(self) -> int:
-        return int(self.x.shape[1])
+        """The number of values in one example, prod(event_shape)."""
+        return int(np.prod(self.x.shape[1:]))
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        """The shape of one example: (D,) for vectors, (C, H, W) for images."""
+        return tuple(int(s) for s in self.x.shape[1:])
 
     def subset(self, indices: np.ndarray) -> "Dataset":
         """The rows `indices` (x, x_pos, z); meta and image_shape are shared."""
