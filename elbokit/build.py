@@ -123,7 +123,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def split_term_config(cfg: dict[str, Any], data_dim: int, registry: Any) -> tuple[dict, dict]:
+def split_term_config(cfg: dict[str, Any], data_dim: Any, registry: Any) -> tuple[dict, dict]:
     """[terms.<name>] tables -> (options for build_objective, weights). `weight` is a weight,
     not an option; a term that takes `data_dim` (recon, for the gaussian likelihood) gets it."""
     from .objective import _accepted, parse_terms
@@ -276,16 +276,30 @@ def prior_samples_for(cfg: dict[str, Any], dataset: Any, prior_name: str) -> np.
 
 
 def check_likelihood_support(cfg: dict[str, Any], splits: dict[str, Any]) -> None:
-    """A Bernoulli likelihood is a density only for data in [0, 1] (as the model sees it)."""
-    if str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli":
-        return
-    for name, split in splits.items():
-        outside = ((split.x < 0) | (split.x > 1)).any(dim=1).nonzero()
-        if len(outside):
-            raise ElbokitError(
-                f"The bernoulli likelihood needs data in [0, 1], but {name} row {int(outside[0])} is outside it "
-                "(after standardisation, if on); scale the data to [0, 1] with data.standardize = false, "
-                "or use recon.likelihood=mse or gaussian.")
+    """Bernoulli likelihoods are defined only for data in [0, 1], a discretized one only for data
+    on its grid of levels (as the model sees it, after standardisation if on)."""
+    recon = cfg["terms"].get("recon", {})
+    name = str(recon.get("likelihood", "mse"))
+    if name in ("bernoulli", "continuous-bernoulli"):
+        for split_name, split in splits.items():
+            outside = ((split.x < 0) | (split.x > 1)).flatten(1).any(dim=1).nonzero()
+            if len(outside):
+                raise ElbokitError(
+                    f"The {name} likelihood needs data in [0, 1], but {split_name} row {int(outside[0])} is outside it "
+                    "(after standardisation, if on); scale the data to [0, 1] with data.standardize = false, "
+                    "or use recon.likelihood=mse or gaussian.")
+    if name == "discretized":
+        levels, low, high = int(recon.get("levels", 256)), float(recon.get("low", 0.0)), float(recon.get("high", 1.0))
+        step = (high - low) / (levels - 1) if levels > 1 else 1.0
+        for split_name, split in splits.items():
+            k = (split.x.double() - low) / step
+            off = ((k - k.round()).abs() > 1e-4) | (k < -1e-4) | (k > levels - 1 + 1e-4)
+            bad = off.flatten(1).any(dim=1).nonzero()
+            if len(bad):
+                raise ElbokitError(
+                    f"The discretized likelihood needs data on its grid of {levels} levels in [{low:g}, {high:g}], but "
+                    f"{split_name} row {int(bad[0])} is off it (after standardisation, if on); set recon.levels, "
+                    "recon.low and recon.high to the data's grid, with data.standardize = false.")
 
 
 # -- the whole set ------------------------------------------------------------------------
@@ -335,7 +349,7 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
     else:
         indices = split_indices(len(dataset), dcfg["seed"], tuple(dcfg["split"]))
         train_x = dataset.x[indices["train"]]
-        standardizer = Standardizer.fit(train_x) if dcfg["standardize"] else Standardizer.identity(dataset.dim)
+        standardizer = Standardizer.fit(train_x) if dcfg["standardize"] else Standardizer.identity(dataset.event_shape)
     splits = {name: make_split(name, dataset, idx, standardizer, device) for name, idx in indices.items() if len(idx)}
     check_likelihood_support(cfg, splits)
 
@@ -359,13 +373,18 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
         prior = rebuild_prior(fitted, prior_cls)
     prior.attach(model)  # before the optimiser and before any checkpoint state
     has_positives = splits["train"].x_pos is not None
-    objective = build_objective_for(cfg, prior, dataset.dim, len(indices["train"]), has_positives, registry)
+    objective = build_objective_for(cfg, prior, dataset.event_shape, len(indices["train"]), has_positives, registry)
     model.to(device)
     objective.to(device)
     components = Components(config=cfg, device=device, dataset=dataset, indices=indices,
                             standardizer=standardizer, splits=splits, model=model, prior=prior,
                             objective=objective, likelihood=reconstruction_likelihood(objective),
                             registry=registry, needs_positives="positives" in objective.needs() and has_positives)
+    n_train, batch_size = len(indices["train"]), min(cfg["train"]["batch_size"], len(indices["train"]))
+    if n_train % batch_size:
+        components.notes.append(
+            f"{n_train % batch_size} of the {n_train} training rows are left out of each epoch (batch size {batch_size}; "
+            "a different random set each epoch); choose a batch size that divides the training rows to use them all.")
     if cfg["train"]["select"] == "elbo" and not prior.has_log_prob:
         components.notes.append(f"Prior '{prior.name}' has no log_prob, so the validation -ELBO cannot be computed; "
                                 "early stopping and the best checkpoint use the objective's own validation loss.")
@@ -393,7 +412,9 @@ def build_from_record(cfg: dict[str, Any], data_dim: int, stored: StoredRun, reg
     model = build_model(cfg, event_shape, registry, from_file=bool(info.get("source")))
     prior = prior_from_spec(stored.prior_name, stored.prior_spec, registry)
     prior.attach(model)
-    objective = build_objective_for(cfg, prior, data_dim, stored.dataset_size, stored.has_positives, registry)
+    # The recon term's learned scales have the example's shape (flat (D,) for runs from before).
+    scale_shape = event_shape if info.get("event_shape") else data_dim
+    objective = build_objective_for(cfg, prior, scale_shape, stored.dataset_size, stored.has_positives, registry)
     return model, prior, objective
 
 

@@ -288,17 +288,62 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve(file_config: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-            source: str = "the config file") -> dict[str, Any]:
-    """defaults <- file config <- command-line overrides (a partial config), then validated,
-    with the derived defaults filled in so that the saved config says everything."""
+            source: str = "the config file", dataset_defaults: bool = True) -> dict[str, Any]:
+    """defaults <- the dataset's own defaults <- file config <- command-line overrides (a
+    partial config), then validated, with the derived defaults filled in so that the saved
+    config says everything. A stored run's config is read with `dataset_defaults=False`: it
+    already says everything, and a later change of a dataset's defaults must not change it."""
     cfg = merge(defaults(), file_config or {}, source)
     cfg = merge(cfg, overrides or {}, "the command line")
+    if dataset_defaults:
+        preset = _dataset_preset(cfg)
+        if preset:
+            base = merge(defaults(), preset, f"the defaults of dataset '{cfg['data']['dataset']}'")
+            cfg = merge(merge(base, file_config or {}, source), overrides or {}, "the command line")
     cfg = validate(cfg)
+    if dataset_defaults:
+        _fill_likelihood_defaults(cfg)
     _fill_dataset_defaults(cfg)
     _fill_model_defaults(cfg)
     if cfg["data"]["standardize"] == "auto":
-        cfg["data"]["standardize"] = str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli"
+        likelihood = str(cfg["terms"].get("recon", {}).get("likelihood", "mse"))
+        cfg["data"]["standardize"] = likelihood not in PIXEL_LIKELIHOODS
     return cfg
+
+
+PIXEL_LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "discretized")
+"""Likelihoods of data on a fixed range or grid, which standardisation would move off it."""
+
+
+def _dataset_preset(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A registered dataset's own defaults (its loader's `defaults` attribute: a partial config,
+    e.g. digits: batch size 128, no standardisation, the discretized likelihood), minus the
+    [terms] part, which `_fill_likelihood_defaults` applies to a recon term only."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    name = cfg["data"]["dataset"]
+    if name not in registry.datasets:
+        return {}
+    preset = getattr(registry.dataset(name).loader, "defaults", None) or {}
+    return {k: v for k, v in preset.items() if k != "terms"}
+
+
+def _fill_likelihood_defaults(cfg: dict[str, Any]) -> None:
+    """The dataset's default recon options (e.g. digits: discretized with 17 levels) when the
+    objective has a recon term and no likelihood was chosen."""
+    from .objective import parse_terms
+    from .plugins import get_registry
+
+    registry = get_registry()
+    name = cfg["data"]["dataset"]
+    if name not in registry.datasets:
+        return
+    preset = (getattr(registry.dataset(name).loader, "defaults", None) or {}).get("terms", {})
+    names = {n for n, _ in parse_terms(cfg["objective"]["terms"])}
+    for term, opts in preset.items():
+        if term in names and "likelihood" not in cfg["terms"].get(term, {}):
+            cfg["terms"].setdefault(term, {}).update({k: v for k, v in opts.items() if k not in cfg["terms"].get(term, {})})
 
 
 DATASET_KEYS = ("n", "data_dim", "latent_dim", "noise_std", "radius")

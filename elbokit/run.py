@@ -288,7 +288,7 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     path = run_dir / "config.toml"
     if not path.is_file():
         raise ElbokitError(f"{run_dir} is not an elbokit run directory (no config.toml).")
-    return config_mod.resolve(config_mod.load_toml(path), source=str(path))
+    return config_mod.resolve(config_mod.load_toml(path), source=str(path), dataset_defaults=False)
 
 
 def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:

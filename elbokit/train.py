@@ -705,6 +705,7 @@ class Trainer:
             "objective": build.describe_objective(s),
             "threads": torch.get_num_threads(), "threads_from": s.threads_from,
             "versions": run_mod.run_metadata(s)["versions"],
+            "likelihood": {"name": s.likelihood.name, "units": s.likelihood.units},
         }
         if s.notes:
             summary["notes"] = list(s.notes)

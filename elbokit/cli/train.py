@@ -239,7 +239,9 @@ def train(
               f"{summary['best_epoch']} ({summary['space']} space). Run: {summary['run_dir']}")
         test = summary.get("test") or {}
         if test.get("iwae") is not None:
-            print(f"Test split (N={test['n']}, lower bounds on log p(x), nats per example in data units): "
+            units = (summary.get("likelihood") or {}).get("units", "nats")
+            print(f"Test split (N={test['n']}, lower bounds on log p(x) per example, likelihood "
+                  f"'{summary.get('likelihood', {}).get('name')}' in {units}, data units): "
                   f"ELBO {test['elbo']:.2f} ± {test['elbo_se']:.2f}, IWAE (K={test['iw_samples']}) "
                   f"{test['iwae']:.2f} ± {test['iwae_se']:.2f}. All metrics: elbokit evaluate {summary['run_dir']}")
 
