@@ -381,7 +381,7 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
                             objective=objective, likelihood=reconstruction_likelihood(objective),
                             registry=registry, needs_positives="positives" in objective.needs() and has_positives)
     n_train, batch_size = len(indices["train"]), min(cfg["train"]["batch_size"], len(indices["train"]))
-    if n_train % batch_size:
+    if stored is None and n_train % batch_size:  # said once, when the run is created
         components.notes.append(
             f"{n_train % batch_size} of the {n_train} training rows are left out of each epoch (batch size {batch_size}; "
             "a different random set each epoch); choose a batch size that divides the training rows to use them all.")

@@ -450,8 +450,8 @@ def evaluate_run(run: Any, split: str = "test", data: Any = None, iw_samples: in
         if x.ndim >= 2 and int(np.prod(x.shape[1:])) == int(np.prod(expected)):
             x = x.reshape(x.shape[0], *expected)  # the same values laid out as the model's examples
         else:
-            raise ElbokitError(f"The data to evaluate have examples of shape {tuple(x.shape[1:])}, but the model "
-                               f"takes examples of shape {tuple(expected)}.")
+            raise ElbokitError(f"The data to evaluate have shape {tuple(x.shape)}, but the model takes "
+                               f"{int(np.prod(expected))} features (examples of shape {tuple(expected)}).")
     if standardizer is not None:
         x = standardizer.transform(x)
     report = evaluate_model(run.model, run.prior, run.likelihood, x, z_true=getattr(dataset, "z", None),

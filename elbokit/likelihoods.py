@@ -103,7 +103,7 @@ class DiscretizedLogisticLikelihood(Likelihood):
     spread: P(x = l_k) = F((l_k + h - mu) / s) - F((l_k - h - mu) / s) with F the logistic CDF
     and h half the spacing, the first and last bins open to -inf and +inf, so the probabilities
     over the levels sum to one exactly. log_prob is the log-probability (nats of a mass
-    function); adding D log(spacing) gives the density of uniformly dequantised x."""
+    function); log_prob - D log(spacing) is the log-density of uniformly dequantised x."""
 
     name = "discretized"
     units = "nats (probability mass over the levels)"

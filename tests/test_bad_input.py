@@ -152,7 +152,7 @@ CASES = [
     Case("terms-twice", [*TRAIN, "--terms", "recon,recon"], "appears twice in --terms"),
     Case("option-for-absent-term", [*TRAIN, "-o", "infonce.critic=cosine"], "which is not among the terms"),
     Case("unknown-term-option", [*TRAIN, "-o", "recon.nosuch=1"], "Unknown option",
-         "Valid options: likelihood (str, default 'mse'), data_dim (int | None, default None), weight."),
+         "Valid options: likelihood (str, default 'mse'), data_dim"),
     Case("unknown-prior-option", [*TRAIN, "--prior-option", "bogus=1"], "Unknown option", "for prior 'standard-normal'"),
     Case("unknown-data-option", [*TRAIN, "--data-option", "foo=1"], "Unknown option",
          "for dataset 'mixture'. Valid options: n (int, default 10000)"),
