@@ -442,7 +442,8 @@ def check_metadata(rd: "RunDir", registry: Any) -> list[str]:
         made_by = (meta.get("versions") or {}).get("elbokit", "another version")
         raise ElbokitError(f"{rd.path} has run-directory format {found!r} (written by elbokit {made_by}); this elbokit "
                            f"reads format {FORMAT_VERSION}: read it with the elbokit that wrote it.")
-    tables = {"dataset": registry.datasets, "prior": registry.priors, "term": registry.terms}
+    tables = {"dataset": registry.datasets, "prior": registry.priors, "term": registry.terms,
+              "model": getattr(registry, "models", {})}
     warnings: dict[str, str] = {}
     for c in meta.get("components", []):
         if not c.get("plugin"):
