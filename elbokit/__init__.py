@@ -32,7 +32,7 @@ _EXPORTS = {
     "Prior": "priors",
     "ElboTerm": "terms",
     "Dataset": "data",
-    "VAE": "models",
+    "VAE": "models", "Model": "models",
     "load_run": "run",
 }
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .errors import ElbokitError, IncompatibleError, PluginError, UnknownNameError
     from .estimators import NEEDS, QUANTITIES, Estimator
     from .likelihoods import Likelihood, make_likelihood
-    from .models import VAE
+    from .models import VAE, Model
     from .objective import PRESETS, Objective, ObjectiveOutput, OptionSpec, build_objective, option_specs, parse_terms
     from .plugins import Registry, get_registry
     from .priors import Prior

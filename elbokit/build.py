@@ -123,7 +123,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def split_term_config(cfg: dict[str, Any], data_dim: int, registry: Any) -> tuple[dict, dict]:
+def split_term_config(cfg: dict[str, Any], data_dim: Any, registry: Any) -> tuple[dict, dict]:
     """[terms.<name>] tables -> (options for build_objective, weights). `weight` is a weight,
     not an option; a term that takes `data_dim` (recon, for the gaussian likelihood) gets it."""
     from .objective import _accepted, parse_terms
@@ -142,10 +142,46 @@ def split_term_config(cfg: dict[str, Any], data_dim: int, registry: Any) -> tupl
     return options, weights
 
 
-def build_model(cfg: dict[str, Any], data_dim: int):
-    from .models import VAE
+def model_name_for(cfg: dict[str, Any], event_shape: tuple[int, ...], from_file: bool) -> str:
+    """The model of `cfg`: its `model.name`, or for `auto`, conv for (N, C, H, W) data files
+    and mlp otherwise (registered image datasets such as digits choose mlp too)."""
+    name = cfg["model"]["name"]
+    if name != "auto":
+        return name
+    return "conv" if from_file and len(event_shape) == 3 else "mlp"
 
-    return VAE(data_dim, cfg["model"]["latent_dim"], cfg["model"]["hidden"])
+
+def resolve_model(cfg: dict[str, Any], event_shape: tuple[int, ...], registry: Any, from_file: bool = False) -> type:
+    """Check `cfg`'s model against the data's event shape and its options against the model's
+    declared ones, and write the chosen name and every option (given or default) back into
+    `cfg["model"]`, so that the saved config.toml rebuilds exactly this model."""
+    name = model_name_for(cfg, tuple(event_shape), from_file)
+    model_cls = registry.model(name)
+    problem = model_cls.unsupported(tuple(event_shape)) if hasattr(model_cls, "unsupported") else None
+    if problem:
+        raise ElbokitError(f"The {problem}; use --model mlp (it flattens any shape) or reshape the data.")
+    defaults = model_cls.option_defaults() if hasattr(model_cls, "option_defaults") else {}
+    given = dict(cfg["model"]["options"])
+    bad = [k for k in given if k not in defaults]
+    if bad:
+        raise ElbokitError(f"Model '{name}' has no option '{bad[0]}' (its options: {', '.join(defaults) or 'none'}).")
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    options.update(given)
+    cfg["model"]["name"], cfg["model"]["options"] = name, options
+    return model_cls
+
+
+def build_model(cfg: dict[str, Any], event_shape: int | tuple[int, ...], registry: Any = None, from_file: bool = False):
+    """The model of `cfg` for examples of `event_shape`, through the `register_models` hook."""
+    from .plugins import get_registry
+
+    registry = registry or get_registry()
+    event_shape = (int(event_shape),) if isinstance(event_shape, int) else tuple(int(s) for s in event_shape)
+    model_cls = resolve_model(cfg, event_shape, registry, from_file)
+    try:
+        return model_cls(event_shape, cfg["model"]["latent_dim"], **cfg["model"]["options"])
+    except (TypeError, ValueError) as exc:
+        raise ElbokitError(f"Bad option for model '{cfg['model']['name']}': {exc}.") from None
 
 
 def build_objective_for(cfg: dict[str, Any], prior: Any, data_dim: int, dataset_size: int,
@@ -240,16 +276,30 @@ def prior_samples_for(cfg: dict[str, Any], dataset: Any, prior_name: str) -> np.
 
 
 def check_likelihood_support(cfg: dict[str, Any], splits: dict[str, Any]) -> None:
-    """A Bernoulli likelihood is a density only for data in [0, 1] (as the model sees it)."""
-    if str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli":
-        return
-    for name, split in splits.items():
-        outside = ((split.x < 0) | (split.x > 1)).any(dim=1).nonzero()
-        if len(outside):
-            raise ElbokitError(
-                f"The bernoulli likelihood needs data in [0, 1], but {name} row {int(outside[0])} is outside it "
-                "(after standardisation, if on); scale the data to [0, 1] with data.standardize = false, "
-                "or use recon.likelihood=mse or gaussian.")
+    """Bernoulli likelihoods are defined only for data in [0, 1], a discretized one only for data
+    on its grid of levels (as the model sees it, after standardisation if on)."""
+    recon = cfg["terms"].get("recon", {})
+    name = str(recon.get("likelihood", "mse"))
+    if name in ("bernoulli", "continuous-bernoulli"):
+        for split_name, split in splits.items():
+            outside = ((split.x < 0) | (split.x > 1)).flatten(1).any(dim=1).nonzero()
+            if len(outside):
+                raise ElbokitError(
+                    f"The {name} likelihood needs data in [0, 1], but {split_name} row {int(outside[0])} is outside it "
+                    "(after standardisation, if on); scale the data to [0, 1] with data.standardize = false, "
+                    "or use recon.likelihood=mse or gaussian.")
+    if name == "discretized":
+        levels, low, high = int(recon.get("levels", 256)), float(recon.get("low", 0.0)), float(recon.get("high", 1.0))
+        step = (high - low) / (levels - 1) if levels > 1 else 1.0
+        for split_name, split in splits.items():
+            k = (split.x.double() - low) / step
+            off = ((k - k.round()).abs() > 1e-4) | (k < -1e-4) | (k > levels - 1 + 1e-4)
+            bad = off.flatten(1).any(dim=1).nonzero()
+            if len(bad):
+                raise ElbokitError(
+                    f"The discretized likelihood needs data on its grid of {levels} levels in [{low:g}, {high:g}], but "
+                    f"{split_name} row {int(bad[0])} is off it (after standardisation, if on); set recon.levels, "
+                    "recon.low and recon.high to the data's grid, with data.standardize = false.")
 
 
 # -- the whole set ------------------------------------------------------------------------
@@ -299,14 +349,14 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
     else:
         indices = split_indices(len(dataset), dcfg["seed"], tuple(dcfg["split"]))
         train_x = dataset.x[indices["train"]]
-        standardizer = Standardizer.fit(train_x) if dcfg["standardize"] else Standardizer.identity(dataset.dim)
+        standardizer = Standardizer.fit(train_x) if dcfg["standardize"] else Standardizer.identity(dataset.event_shape)
     splits = {name: make_split(name, dataset, idx, standardizer, device) for name, idx in indices.items() if len(idx)}
     check_likelihood_support(cfg, splits)
 
     # The model is initialised first from the training seed, so the prior and terms
     # (which may draw random numbers too) never change it.
     seed_everything(cfg["train"]["seed"])
-    model = build_model(cfg, dataset.dim)
+    model = build_model(cfg, dataset.event_shape, registry, from_file=bool(dataset.meta.get("source")))
     prior_name = cfg["prior"]["name"]
     if stored is not None:
         prior = prior_from_spec(stored.prior_name, stored.prior_spec, registry)
@@ -323,13 +373,18 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
         prior = rebuild_prior(fitted, prior_cls)
     prior.attach(model)  # before the optimiser and before any checkpoint state
     has_positives = splits["train"].x_pos is not None
-    objective = build_objective_for(cfg, prior, dataset.dim, len(indices["train"]), has_positives, registry)
+    objective = build_objective_for(cfg, prior, dataset.event_shape, len(indices["train"]), has_positives, registry)
     model.to(device)
     objective.to(device)
     components = Components(config=cfg, device=device, dataset=dataset, indices=indices,
                             standardizer=standardizer, splits=splits, model=model, prior=prior,
                             objective=objective, likelihood=reconstruction_likelihood(objective),
                             registry=registry, needs_positives="positives" in objective.needs() and has_positives)
+    n_train, batch_size = len(indices["train"]), min(cfg["train"]["batch_size"], len(indices["train"]))
+    if stored is None and n_train % batch_size:  # said once, when the run is created
+        components.notes.append(
+            f"{n_train % batch_size} of the {n_train} training rows are left out of each epoch (batch size {batch_size}; "
+            "a different random set each epoch); choose a batch size that divides the training rows to use them all.")
     if cfg["train"]["select"] == "elbo" and not prior.has_log_prob:
         components.notes.append(f"Prior '{prior.name}' has no log_prob, so the validation -ELBO cannot be computed; "
                                 "early stopping and the best checkpoint use the objective's own validation loss.")
@@ -352,10 +407,14 @@ def check_contracts(components: Components) -> None:
 def build_from_record(cfg: dict[str, Any], data_dim: int, stored: StoredRun, registry: Any):
     """(model, prior, objective) of a stored run without loading its data: what `load_run`
     needs before the checkpoint's tensors are loaded into them."""
-    model = build_model(cfg, data_dim)
+    info = stored.data_info
+    event_shape = tuple(info.get("event_shape") or (data_dim,))
+    model = build_model(cfg, event_shape, registry, from_file=bool(info.get("source")))
     prior = prior_from_spec(stored.prior_name, stored.prior_spec, registry)
     prior.attach(model)
-    objective = build_objective_for(cfg, prior, data_dim, stored.dataset_size, stored.has_positives, registry)
+    # The recon term's learned scales have the example's shape (flat (D,) for runs from before).
+    scale_shape = event_shape if info.get("event_shape") else data_dim
+    objective = build_objective_for(cfg, prior, scale_shape, stored.dataset_size, stored.has_positives, registry)
     return model, prior, objective
 
 

@@ -127,6 +127,18 @@ def table(name: str, value: Any) -> dict:
     return dict(value)
 
 
+def model_table(name: str, value: Any) -> dict[str, Any]:
+    """Model options: like `table`, and lists of numbers too (layer sizes)."""
+    if not isinstance(value, dict):
+        raise ElbokitError(f"{name} must be a table of options, got {value!r}.")
+    for k, v in value.items():
+        ok = isinstance(v, (str, int, float, bool)) or (
+            isinstance(v, (list, tuple)) and all(_num(e) for e in v))
+        if not ok:
+            raise ElbokitError(f"{name}.{k} must be a string, number, boolean or list of numbers, got {v!r}.")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+
+
 def one_of(*choices: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in choices:
@@ -146,15 +158,6 @@ def split_check(name: str, value: Any) -> list[float]:
             or value[0] <= 0 or value[1] <= 0 or abs(sum(value) - 1.0) > 1e-6):
         raise ElbokitError(f"{name} must be three fractions [train, val, test] summing to 1 with train and val > 0, got {value!r}.")
     return [float(v) for v in value]
-
-
-def hidden_check(name: str, value: Any) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ElbokitError(f"{name} must be a non-empty list of layer sizes such as [400, 400], got {value!r}.")
-    for i, v in enumerate(value):
-        if not (_num(v) and float(v) == int(v) and v > 0):
-            raise ElbokitError(f"{name}: layer sizes must be positive integers, got {v!r} at position {i + 1}.")
-    return [int(v) for v in value]
 
 
 def device_check(name: str, value: Any) -> str:
@@ -181,7 +184,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "model": {
         "latent_dim": Key(5, positive_int, "latent dimension L", "--latent-dim"),
-        "hidden": Key([400, 400], hidden_check, "hidden layer sizes of the encoder (the decoder mirrors them)", "--hidden"),
+        "name": Key("auto", string, "a registered model (mlp, conv, ...); auto: conv for (N, C, H, W) data files, mlp otherwise (elbokit models lists them)", "--model"),
+        "options": Key({}, model_table, "the model's options, e.g. hidden = [400, 400] (mlp) or channels = [32, 64] (conv); [model] hidden = [...] is read as options.hidden", "--model-option"),
     },
     "prior": {
         "name": Key("standard-normal", string, "a registered prior (standard-normal, gmm, samples, ...)", "--prior"),
@@ -264,6 +268,10 @@ def merge(base: dict[str, Any], update: dict[str, Any], source: str = "the confi
             raise ElbokitError(f"Unknown config section [{section}] in {source}; valid sections: {', '.join([*SCHEMA, *FREE_SECTIONS])}.")
         if not isinstance(values, dict):
             raise ElbokitError(f"[{section}] in {source} must be a table, got {values!r}.")
+        if section == "model" and isinstance(values, dict) and "hidden" in values:
+            # Configs written before models were plugins: [model] hidden is the mlp's option.
+            values = dict(values)
+            values["options"] = {"hidden": values.pop("hidden"), **(values.get("options") or {})}
         for key, value in values.items():
             if key not in SCHEMA[section]:
                 raise ElbokitError(f"Unknown config key '{section}.{key}' in {source}; valid keys in [{section}]: {valid_keys_text(section)}.")
@@ -287,20 +295,66 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve(file_config: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-            source: str = "the config file") -> dict[str, Any]:
-    """defaults <- file config <- command-line overrides (a partial config), then validated,
-    with the derived defaults filled in so that the saved config says everything."""
+            source: str = "the config file", dataset_defaults: bool = True) -> dict[str, Any]:
+    """defaults <- the dataset's own defaults <- file config <- command-line overrides (a
+    partial config), then validated, with the derived defaults filled in so that the saved
+    config says everything. A stored run's config is read with `dataset_defaults=False`: it
+    already says everything, and a later change of a dataset's defaults must not change it."""
     cfg = merge(defaults(), file_config or {}, source)
     cfg = merge(cfg, overrides or {}, "the command line")
+    if dataset_defaults:
+        preset = _dataset_preset(cfg)
+        if preset:
+            base = merge(defaults(), preset, f"the defaults of dataset '{cfg['data']['dataset']}'")
+            cfg = merge(merge(base, file_config or {}, source), overrides or {}, "the command line")
     cfg = validate(cfg)
+    if dataset_defaults:
+        _fill_likelihood_defaults(cfg)
     _fill_dataset_defaults(cfg)
     if cfg["train"]["lr_schedule"] == "cosine" and cfg["train"]["lr_cosine_epochs"] == 0:
         cfg["train"]["lr_cosine_epochs"] = cfg["train"]["max_epochs"]  # recorded, so a resume keeps it
     if cfg["train"]["lr_schedule"] == "plateau" and cfg["train"]["lr_gamma"] >= 1:
         raise ElbokitError("train.lr_gamma (--lr-gamma) must be below 1 for the plateau schedule (it multiplies the learning rate).")
+    _fill_model_defaults(cfg)
     if cfg["data"]["standardize"] == "auto":
-        cfg["data"]["standardize"] = str(cfg["terms"].get("recon", {}).get("likelihood", "mse")) != "bernoulli"
+        likelihood = str(cfg["terms"].get("recon", {}).get("likelihood", "mse"))
+        cfg["data"]["standardize"] = likelihood not in PIXEL_LIKELIHOODS
     return cfg
+
+
+PIXEL_LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "discretized")
+"""Likelihoods of data on a fixed range or grid, which standardisation would move off it."""
+
+
+def _dataset_preset(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A registered dataset's own defaults (its loader's `defaults` attribute: a partial config,
+    e.g. digits: batch size 128, no standardisation, the discretized likelihood), minus the
+    [terms] part, which `_fill_likelihood_defaults` applies to a recon term only."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    name = cfg["data"]["dataset"]
+    if name not in registry.datasets:
+        return {}
+    preset = getattr(registry.dataset(name).loader, "defaults", None) or {}
+    return {k: v for k, v in preset.items() if k != "terms"}
+
+
+def _fill_likelihood_defaults(cfg: dict[str, Any]) -> None:
+    """The dataset's default recon options (e.g. digits: discretized with 17 levels) when the
+    objective has a recon term and no likelihood was chosen."""
+    from .objective import parse_terms
+    from .plugins import get_registry
+
+    registry = get_registry()
+    name = cfg["data"]["dataset"]
+    if name not in registry.datasets:
+        return
+    preset = (getattr(registry.dataset(name).loader, "defaults", None) or {}).get("terms", {})
+    names = {n for n, _ in parse_terms(cfg["objective"]["terms"])}
+    for term, opts in preset.items():
+        if term in names and "likelihood" not in cfg["terms"].get(term, {}):
+            cfg["terms"].setdefault(term, {}).update({k: v for k, v in opts.items() if k not in cfg["terms"].get(term, {})})
 
 
 DATASET_KEYS = ("n", "data_dim", "latent_dim", "noise_std", "radius")
@@ -335,6 +389,59 @@ def _fill_dataset_defaults(cfg: dict[str, Any]) -> None:
 
 def _dataset_key_checks() -> dict[str, Callable[[str, Any], Any]]:
     return {key: SCHEMA["data"][key].check for key in DATASET_KEYS}
+
+
+def data_file_ndim(path: str | Path) -> int | None:
+    """The number of dimensions of x in a .npy/.npz data file, read from the array header
+    only (no data is loaded); None when it cannot be told (missing or unreadable file, .csv)."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    def header_ndim(fh) -> int:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return len(read(fh)[0])
+
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as fh:
+                return header_ndim(fh)
+        if path.suffix.lower() == ".npz":
+            with zipfile.ZipFile(path) as archive, archive.open("x.npy") as fh:
+                return header_ndim(fh)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, SyntaxError):
+        return None
+    return 2 if path.suffix.lower() == ".csv" else None
+
+
+def _fill_model_defaults(cfg: dict[str, Any]) -> None:
+    """Choose the model for `auto` (conv for (N, C, H, W) data files, mlp otherwise) and write
+    its option defaults for the options not given, so the saved config says everything.
+    Unknown options are refused when the model is built (elbokit.build), with the valid ones."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    mcfg = cfg["model"]
+    if mcfg["name"] == "auto":
+        dataset = cfg["data"]["dataset"]
+        if dataset in registry.datasets:
+            mcfg["name"] = "mlp"
+        else:
+            ndim = data_file_ndim(dataset)
+            if ndim is not None:
+                mcfg["name"] = "conv" if ndim == 4 else "mlp"
+    if mcfg["name"] in registry.models:
+        model_cls = registry.models[mcfg["name"]].obj
+        defaults = model_cls.option_defaults() if hasattr(model_cls, "option_defaults") else {}
+        if hasattr(model_cls, "check_options"):
+            try:
+                model_cls.check_options(mcfg["options"])
+            except ValueError as exc:
+                raise ElbokitError(f"model.options (--model-option): {exc}.") from None
+        mcfg["options"] = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()},
+                           **mcfg["options"]}
 
 
 def dataset_options(cfg: dict[str, Any]) -> dict[str, Any]:

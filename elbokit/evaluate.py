@@ -177,7 +177,7 @@ def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.T
         for start in range(0, n, per_chunk):
             stop = min(start + per_chunk, n)
             xb = x[start:stop]
-            b, d = xb.shape
+            b, event = xb.shape[0], xb.shape[1:]
             q = model.encode(xb)
             kl_exact = analytic_kl(q, prior) if has_log_prob else None
             kl_kind = kl_kind or ("analytic" if kl_exact is not None else "mc")
@@ -188,13 +188,13 @@ def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.T
                 z = q.sample((kb,))  # (kb, b, L)
                 flat_z = z.reshape(kb * b, -1)
                 dec = decode(flat_z)
-                flat_x = xb.expand(kb, b, d).reshape(kb * b, d)
+                flat_x = xb.expand(kb, *xb.shape).reshape(kb * b, *event)
                 log_lik = likelihood.log_prob(flat_x, dec).reshape(kb, b)
                 log_lik_sum += log_lik.sum(0)
-                diff = xb - likelihood.mean(dec).reshape(kb, b, d)
-                sq_sum += diff.pow(2).sum(-1).sum(0)
+                diff = xb - likelihood.mean(dec).reshape(kb, b, *event)
+                sq_sum += diff.pow(2).reshape(kb, b, -1).sum(-1).sum(0)
                 if std is not None:
-                    sq_orig_sum += (diff * std).pow(2).sum(-1).sum(0)
+                    sq_orig_sum += (diff * std).pow(2).reshape(kb, b, -1).sum(-1).sum(0)
                 if has_log_prob:
                     # log p(z) - log q(z|x); q.log_prob broadcasts over the sample dimension.
                     log_ratio = prior.log_prob(flat_z).reshape(kb, b) - q.log_prob(z)
@@ -374,11 +374,11 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
         raise ElbokitError(f"--iw-samples must be a positive integer, got {iw_samples}.")
     device, dtype = _device_dtype(model)
     x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(device=device, dtype=dtype)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ElbokitError(f"Evaluation needs at least 2 examples as an (N, D) array, got shape {tuple(x.shape)}.")
+    if x.ndim < 2 or x.shape[0] < 2:
+        raise ElbokitError(f"Evaluation needs at least 2 examples as an (N, D) or (N, C, H, W) array, got shape {tuple(x.shape)}.")
     n = int(x.shape[0])
     ladj = float(standardizer.log_abs_det_jacobian) if standardizer is not None else 0.0
-    std = (torch.as_tensor(np.asarray(standardizer.std), dtype=dtype, device=device)
+    std = (torch.as_tensor(np.asarray(standardizer.std), dtype=dtype, device=device).reshape(x.shape[1:])
            if standardizer is not None else None)
     unavailable: dict[str, str] = {}
     report: dict[str, Any] = {"n": n, "iw_samples": K, "seed": int(seed)}
@@ -479,10 +479,15 @@ def evaluate_run(run: Any, split: str = "test", data: Any = None, iw_samples: in
     dataset = data if data is not None else _run_split(run, split)
     standardizer = getattr(run, "standardizer", None)
     x = np.asarray(dataset.x, dtype=np.float64)
-    expected = getattr(run.model, "data_dim", None)
-    if expected is not None and (x.ndim != 2 or x.shape[1] != expected):
-        raise ElbokitError(f"The data to evaluate have shape {tuple(x.shape)}, but the model takes "
-                           f"{expected} features.")
+    expected = getattr(run.model, "event_shape", None)
+    if expected is None and getattr(run.model, "data_dim", None) is not None:
+        expected = (int(run.model.data_dim),)
+    if expected is not None and tuple(x.shape[1:]) != tuple(expected):
+        if x.ndim >= 2 and int(np.prod(x.shape[1:])) == int(np.prod(expected)):
+            x = x.reshape(x.shape[0], *expected)  # the same values laid out as the model's examples
+        else:
+            raise ElbokitError(f"The data to evaluate have shape {tuple(x.shape)}, but the model takes "
+                               f"{int(np.prod(expected))} features (examples of shape {tuple(expected)}).")
     if standardizer is not None:
         x = standardizer.transform(x)
     report = evaluate_model(run.model, run.prior, run.likelihood, x, z_true=getattr(dataset, "z", None),

@@ -31,3 +31,8 @@ def register_estimators(register):
 @hookspec
 def register_datasets(register):
     """Register datasets: `register(name, loader, description)`; `loader(**options)` returns a `Dataset`."""
+
+
+@hookspec
+def register_models(register):
+    """Register `Model` subclasses: `register(ModelClass)`; `ModelClass(event_shape, latent_dim, **options)` builds one."""

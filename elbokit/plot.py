@@ -227,6 +227,17 @@ def _latent_figure_1d(run: Any, z: np.ndarray, prior: np.ndarray, posterior_labe
     return fig
 
 
+def as_image(values: Any, shape: Any, lo: float, hi: float) -> np.ndarray:
+    """One example as an image for imshow, scaled to [0, 1] by the data's range: (H, W) for
+    one channel (or an (H, W) shape of old runs), (H, W, 3) for three channels; other channel
+    counts show their mean."""
+    img = (np.asarray(values, dtype=np.float64).reshape(tuple(shape)) - lo) / (hi - lo if hi > lo else 1.0)
+    img = np.clip(img, 0.0, 1.0)
+    if img.ndim == 3:
+        img = img.transpose(1, 2, 0) if img.shape[0] == 3 else img.mean(0)
+    return img
+
+
 def reconstructions_figure(run: Any, split: str = "test", n: int = 16) -> Any | None:
     """Images (top) and reconstructions (bottom) in original units; None for non-image data."""
     import torch
@@ -247,7 +258,7 @@ def reconstructions_figure(run: Any, split: str = "test", n: int = 16) -> Any | 
     for k in range(n):
         for row, img in enumerate((original[k], recon[k])):
             ax = axes[row, k]
-            ax.imshow(np.asarray(img).reshape(shape), cmap="gray", vmin=lo, vmax=hi)
+            ax.imshow(as_image(img, shape, lo, hi), cmap="gray", vmin=0.0, vmax=1.0)
             ax.axis("off")
     fig.suptitle(f"{split} images (top) and reconstructions from E[z|x] (bottom)", fontsize=9)
     return fig

@@ -1,4 +1,4 @@
-"""The plugin manager and the registry of terms, priors, estimators and datasets.
+"""The plugin manager and the registry of terms, priors, estimators, datasets and models.
 
 Built-in components live in `elbokit.default_plugins` and are loaded exactly like third-party
 plugins, which come from the `elbokit` entry-point group: every entry point is registered on
@@ -44,11 +44,12 @@ DEFAULT_PLUGINS = (
     "elbokit.default_plugins.estimators",
     "elbokit.default_plugins.terms",
     "elbokit.default_plugins.datasets",
+    "elbokit.default_plugins.models",
 )
 
-HOOKS = ("register_terms", "register_priors", "register_estimators", "register_datasets")
+HOOKS = ("register_terms", "register_priors", "register_estimators", "register_datasets", "register_models")
 KINDS = {"register_terms": "term", "register_priors": "prior",
-         "register_estimators": "estimator", "register_datasets": "dataset"}
+         "register_estimators": "estimator", "register_datasets": "dataset", "register_models": "model"}
 HOOK_OF = {kind: hook for hook, kind in KINDS.items()}
 
 # What users type: the same rule as a `--terms` item. No ':' (that separates PLUGIN:NAME).
@@ -143,6 +144,7 @@ class Registry:
         self.priors: dict[str, Entry] = {}
         self.estimators: dict[tuple[str, str], Entry] = {}
         self.datasets: dict[str, Entry] = {}
+        self.models: dict[str, Entry] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[tuple[str, str]] = []  # (plugin, message): the plugin is kept out
         self.warnings: list[tuple[str, str]] = []  # (plugin, message): the plugin is loaded
@@ -330,12 +332,14 @@ class Registry:
     def _table(self, entry: Entry) -> tuple[dict, Any]:
         if entry.kind == "estimator":
             return self.estimators, (entry.obj.quantity, entry.name)
-        return {"term": self.terms, "prior": self.priors, "dataset": self.datasets}[entry.kind], entry.name
+        return {"term": self.terms, "prior": self.priors, "dataset": self.datasets,
+                "model": self.models}[entry.kind], entry.name
 
     # -- lookup ---------------------------------------------------------------------------
     def entry(self, kind: str, name: str, quantity: str | None = None) -> Entry:
         """The entry a user means by `name` (bare or `PLUGIN:NAME`); one line if none or two."""
-        table = {"term": self.terms, "prior": self.priors, "estimator": self.estimators, "dataset": self.datasets}[kind]
+        table = {"term": self.terms, "prior": self.priors, "estimator": self.estimators, "dataset": self.datasets,
+                 "model": self.models}[kind]
         key = (quantity, name) if kind == "estimator" else name
         what = f"{quantity} estimator" if kind == "estimator" else kind
         if ":" in name:
@@ -363,6 +367,9 @@ class Registry:
 
     def estimator(self, quantity: str, name: str) -> type:
         return self.entry("estimator", name, quantity).obj
+
+    def model(self, name: str) -> type:
+        return self.entry("model", name).obj
 
     def dataset(self, name: str) -> DatasetEntry:
         return self.entry("dataset", name).obj
@@ -452,10 +459,11 @@ def _dist_version(ep: Any) -> str | None:
 
 def _base_classes() -> dict[str, type]:
     from .estimators import Estimator
+    from .models import Model
     from .priors import Prior
     from .terms import ElboTerm
 
-    return {"term": ElboTerm, "prior": Prior, "estimator": Estimator}
+    return {"term": ElboTerm, "prior": Prior, "estimator": Estimator, "model": Model}
 
 
 def _make_entry(kind: str, source: _Source, *args: Any, override: bool = False, **kwargs: Any) -> Entry:

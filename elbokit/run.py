@@ -225,7 +225,7 @@ def save_data_info(run_dir: Path, dataset: Any, indices: dict[str, np.ndarray], 
     arrays = {"standardizer.mean": np.asarray(standardizer.mean, dtype=np.float64),
               "standardizer.std": np.asarray(standardizer.std, dtype=np.float64)}
     arrays.update({f"indices.{k}": np.asarray(v, dtype=np.int64) for k, v in indices.items()})
-    info = {"name": dataset.name, "n": len(dataset), "dim": dataset.dim,
+    info = {"name": dataset.name, "n": len(dataset), "dim": dataset.dim, "event_shape": list(dataset.event_shape),
             "has_positives": dataset.x_pos is not None, "has_latents": dataset.z is not None,
             "image_shape": list(dataset.image_shape) if dataset.image_shape else None,
             "source": dataset.meta.get("source")}
@@ -288,7 +288,7 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     path = run_dir / "config.toml"
     if not path.is_file():
         raise ElbokitError(f"{run_dir} is not an elbokit run directory (no config.toml).")
-    return config_mod.resolve(config_mod.load_toml(path), source=str(path))
+    return config_mod.resolve(config_mod.load_toml(path), source=str(path), dataset_defaults=False)
 
 
 def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:
@@ -417,6 +417,8 @@ def provenance(components: Any) -> list[dict[str, Any]]:
         add("dataset", dataset, registry.datasets, dataset)
     else:
         rows.append({"kind": "dataset", "name": dataset, "plugin": None, "plugin_version": None, "file": True})
+    model = components.config["model"]["name"]
+    add("model", model, getattr(registry, "models", {}), model, components.model)
     add("prior", components.prior.name, registry.priors, components.prior.name, components.prior)
     for name, term in components.objective.terms.items():
         add("term", name, registry.terms, name, term)
@@ -440,7 +442,8 @@ def check_metadata(rd: "RunDir", registry: Any) -> list[str]:
         made_by = (meta.get("versions") or {}).get("elbokit", "another version")
         raise ElbokitError(f"{rd.path} has run-directory format {found!r} (written by elbokit {made_by}); this elbokit "
                            f"reads format {FORMAT_VERSION}: read it with the elbokit that wrote it.")
-    tables = {"dataset": registry.datasets, "prior": registry.priors, "term": registry.terms}
+    tables = {"dataset": registry.datasets, "prior": registry.priors, "term": registry.terms,
+              "model": getattr(registry, "models", {})}
     warnings: dict[str, str] = {}
     for c in meta.get("components", []):
         if not c.get("plugin"):

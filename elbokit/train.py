@@ -441,8 +441,8 @@ class Trainer:
         s = self.setup
         return {**self.state, "select_metric": self.select_metric,
                 "prior": {"name": s.config["prior"]["name"], "spec": s.prior.spec()},  # as looked up (PLUGIN:NAME too)
-                "model": {"data_dim": s.dataset.dim, "latent_dim": s.config["model"]["latent_dim"],
-                          "hidden": s.config["model"]["hidden"]},
+                "model": {"name": s.config["model"]["name"], "data_dim": s.dataset.dim,
+                          "latent_dim": s.config["model"]["latent_dim"], "options": s.config["model"]["options"]},
                 "dataset_size": len(s.indices["train"]), "has_positives": s.splits["train"].x_pos is not None,
                 "terms": s.objective.term_names, "lr_schedulers": self._lr_scheduler_states()}
 
@@ -756,6 +756,7 @@ class Trainer:
             "objective": build.describe_objective(s),
             "threads": torch.get_num_threads(), "threads_from": s.threads_from,
             "versions": run_mod.run_metadata(s)["versions"],
+            "likelihood": {"name": s.likelihood.name, "units": s.likelihood.units},
         }
         if s.notes:
             summary["notes"] = list(s.notes)

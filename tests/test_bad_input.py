@@ -50,6 +50,7 @@ def write_inputs(tmp: Path) -> None:
     np.save(tmp / "empty.npy", np.zeros((0, 4)))
     np.save(tmp / "plain.npy", x)
     np.save(tmp / "cube.npy", x.reshape(40, 2, 2))
+    np.save(tmp / "line.npy", x[:, 0])
     np.save(tmp / "prior3.npy", np.zeros((50, 3)))
     np.save(tmp / "wide.npy", np.zeros((30, 7)))
     nan20 = np.zeros((10, 20))
@@ -151,7 +152,7 @@ CASES = [
     Case("terms-twice", [*TRAIN, "--terms", "recon,recon"], "appears twice in --terms"),
     Case("option-for-absent-term", [*TRAIN, "-o", "infonce.critic=cosine"], "which is not among the terms"),
     Case("unknown-term-option", [*TRAIN, "-o", "recon.nosuch=1"], "Unknown option",
-         "Valid options: likelihood (str, default 'mse'), data_dim (int | None, default None), weight."),
+         "Valid options: likelihood (str, default 'mse'), data_dim"),
     Case("unknown-prior-option", [*TRAIN, "--prior-option", "bogus=1"], "Unknown option", "for prior 'standard-normal'"),
     Case("unknown-data-option", [*TRAIN, "--data-option", "foo=1"], "Unknown option",
          "for dataset 'mixture'. Valid options: n (int, default 10000)"),
@@ -182,7 +183,8 @@ CASES = [
     Case("data-garbage", [*TRAIN, "--data", "{tmp}/garbage.npy"], "which elbokit never unpickles"),
     Case("data-no-x", [*TRAIN, "--data", "{tmp}/nox.npz"], "no array named 'x'"),
     Case("data-x-pos-shape", [*TRAIN, "--data", "{tmp}/xpos.npz"], "x_pos has shape", "(40, 3)"),
-    Case("data-3d", [*TRAIN, "--data", "{tmp}/cube.npy"], "must be a 2-D (n, dim) array", "(40, 2, 2)"),
+    Case("data-1d", [*TRAIN, "--data", "{tmp}/line.npy"], "must be an (n, ...) array of examples", "(40,)"),
+    Case("data-3d-conv", [*TRAIN, "--data", "{tmp}/cube.npy", "--model", "conv"], "model 'conv' takes 3-D examples", "(2, 2)"),
     Case("data-nan", [*TRAIN, "--data", "{tmp}/nan.npy"], "has NaN or Inf in row", "row 17"),
     Case("data-inf", [*TRAIN, "--data", "{tmp}/inf.npy"], "has NaN or Inf in row", "row 5"),
     Case("data-empty", [*TRAIN, "--data", "{tmp}/empty.npy"], "is empty"),

@@ -14,7 +14,7 @@ from elbokit.errors import ElbokitError
 
 def test_defaults_are_the_papers_setup():
     cfg = config.resolve()
-    assert cfg["model"] == {"latent_dim": 5, "hidden": [400, 400]}
+    assert cfg["model"] == {"latent_dim": 5, "name": "mlp", "options": {"hidden": [400, 400]}}
     assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["batch_size"] == 512
     assert cfg["data"]["dataset"] == "mixture" and cfg["data"]["split"] == [0.8, 0.1, 0.1]
     # The generator's defaults are written into the resolved config (DESIGN.md section 6).
@@ -55,7 +55,7 @@ def test_bad_configs_are_one_line(bad, message):
 def test_unknown_key_error_names_the_valid_keys():
     with pytest.raises(ElbokitError) as info:
         config.resolve({"model": {"layers": 3}})
-    assert "latent_dim, hidden" in str(info.value)
+    assert "latent_dim, name, options" in str(info.value)
 
 
 def test_dumps_round_trips_through_tomllib():

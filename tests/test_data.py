@@ -98,7 +98,10 @@ def test_standardizer_round_trip():
 
 def test_digits():
     ds = load_digits(seed=0)
-    assert ds.x.shape == (1797, 64) and ds.image_shape == (8, 8)
+    assert ds.x.shape == (1797, 1, 8, 8) and ds.image_shape == (1, 8, 8) and ds.event_shape == (1, 8, 8)
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    assert np.array_equal(ds.x.reshape(1797, 64), sk_load_digits().data / 16.0)  # sklearn's order, flattened
     assert ds.x.min() == 0.0 and ds.x.max() == 1.0
     assert ds.x_pos.min() >= 0.0 and ds.x_pos.max() <= 1.0
     assert 0.05 < np.abs(ds.x_pos - ds.x).mean() < 0.1  # clipped N(0, 0.1^2) jitter

@@ -133,6 +133,24 @@ def test_hook_register_datasets():
     assert np.allclose(np.linalg.norm(data.x, axis=1), 1.0)
 
 
+def test_hook_register_models():
+    module = example_module("register_models")
+    registry = Registry.build([module], load_entry_points=False, strict=True)
+    assert registry.model("linear") is module.LinearGaussian
+    assert registry.models["linear"].description.startswith("Linear encoder and decoder")
+    assert module.LinearGaussian.option_defaults() == {"min_scale": 1e-3}
+    torch.manual_seed(0)
+    model = module.LinearGaussian((2, 3), latent_dim=4, min_scale=0.5)
+    x = torch.randn(7, 2, 3)
+    batch = model(x)
+    assert batch.z.shape == (7, 4) and batch.x_recon.shape == (7, 2, 3)
+    assert bool((batch.posterior_scale > 0.5).all())  # softplus(.) + min_scale
+    # The decoder is affine in z: decode(z) = W z + b, checked against the Linear layer by hand.
+    z = torch.randn(5, 4)
+    expected = (z @ model.decoder.weight.T + model.decoder.bias).reshape(5, 2, 3)
+    assert torch.allclose(model.decode(z), expected)
+
+
 def test_a_dataset_description_defaults_to_the_loaders_docstring():
     def blobs(n: int = 10):
         """Two Gaussian blobs."""

@@ -138,7 +138,7 @@ def test_digits_with_bernoulli_is_not_standardised(tmp_path, run_cli):
 
     run = load_run(tmp_path / "d")
     assert run.config["data"]["standardize"] is False and np.all(run.standardizer.std == 1)
-    assert run.likelihood.name == "bernoulli" and run.data_info["image_shape"] == [8, 8]
+    assert run.likelihood.name == "bernoulli" and run.data_info["image_shape"] == [1, 8, 8]
     res = run_cli("plot", tmp_path / "d", "--json")
     assert res.exit_code == 0, res.stderr
     plots = json.loads(res.stdout)["plots"]

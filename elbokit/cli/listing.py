@@ -1,4 +1,4 @@
-"""`elbokit terms|priors|estimators|plugins`: what is registered, as rich tables or JSON."""
+"""`elbokit terms|priors|estimators|models|plugins`: what is registered, as rich tables or JSON."""
 
 from __future__ import annotations
 
@@ -120,6 +120,28 @@ def estimators(json_output: bool = JSON_OPTION) -> None:
            [[r["quantity"], r["name"], r["description"], r["kind"], ", ".join(r["needs"]) or "-", _plugin_label(r)] for r in rows])
 
 
+def model_rows() -> list[dict[str, Any]]:
+    reg = registry()
+    return [{
+        "name": name,
+        "description": e.description,
+        "event_ndims": list(e.obj.event_ndims) if getattr(e.obj, "event_ndims", None) else None,
+        "options": e.obj.option_defaults() if hasattr(e.obj, "option_defaults") else {},
+        "plugin": e.plugin,
+    } for name, e in reg.models.items()]
+
+
+def models(json_output: bool = JSON_OPTION) -> None:
+    """List the models (encoder and decoder; --model NAME --model-option KEY=VALUE)."""
+    rows = model_rows()
+    if json_output:
+        return print_json(rows)
+    shape = lambda n: "any (flattened)" if not n else " or ".join(f"{k}-D" for k in n)  # noqa: E731
+    _table("Models", ["name", "description", "example shape", "options (defaults)", "plugin"],
+           [[r["name"], r["description"], shape(r["event_ndims"]),
+             ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-", _plugin_label(r["plugin"])] for r in rows])
+
+
 def plugin_rows() -> list[dict[str, Any]]:
     """One row per plugin (a distribution, with all its entry points): `status` is loaded,
     failed (its one-line `error`) or disabled (ELBOKIT_DISABLE_PLUGINS); `warnings` holds name
@@ -164,5 +186,5 @@ def plugins(json_output: bool = JSON_OPTION,
 
 
 def register(app: typer.Typer) -> None:
-    for command in (terms, priors, estimators, plugins):
+    for command in (terms, priors, estimators, models, plugins):
         app.command(name=command.__name__)(handle_errors(command))

@@ -75,6 +75,26 @@ def _hidden(text: str) -> list[int]:
     return sizes
 
 
+def model_option_value(text: str) -> tuple[str, Any]:
+    """`--model-option KEY=VALUE`: a TOML value, or numbers separated by commas as a list
+    (`hidden=200,200` or `channels=[16,32]`)."""
+    from elbokit import config as config_mod
+    from elbokit.errors import ElbokitError
+
+    key, _, raw = text.partition("=")
+    raw = raw.strip()
+    if "," in raw or (raw.startswith("[") and raw.endswith("]")):
+        items = [v.strip() for v in raw.strip("[]").split(",") if v.strip()]
+        try:
+            values = [float(v) for v in items]
+        except ValueError:
+            raise ElbokitError(f"--model-option '{text}': a list must hold numbers, e.g. hidden=200,200.") from None
+        if not key.strip() or not values:
+            raise ElbokitError(f"--model-option must look like key=value, got '{text}'.")
+        return key.strip(), [int(v) if v.is_integer() else v for v in values]
+    return config_mod.parse_assignment(text, "--model-option")
+
+
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config file; options given here override it."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as TOML and exit."),
@@ -88,7 +108,9 @@ def train(
     radius: Optional[float] = typer.Option(None, "--radius", help="Std of the positives' noise [0.1]."),
     data_option: list[str] = typer.Option([], "--data-option", help="KEY=VALUE for a plugin dataset's loader (repeatable)."),
     latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Latent dimension [5]."),
-    hidden: Optional[str] = typer.Option(None, "--hidden", help="Hidden layer sizes [400,400]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model: mlp, conv or a plugin's (elbokit models) [auto: conv for (N, C, H, W) files, else mlp]."),
+    model_option: list[str] = typer.Option([], "--model-option", help="Model option KEY=VALUE, e.g. hidden=200,200 or channels=16,32 (repeatable)."),
+    hidden: Optional[str] = typer.Option(None, "--hidden", help="The mlp's hidden layer sizes, same as --model-option hidden=... [400,400]."),
     terms: Optional[str] = typer.Option(None, "--terms", help="Preset (classic, ed) or name[:weight] items, e.g. recon,kl:0.5 [classic]."),
     option: list[str] = typer.Option([], "--option", "-o", help="Per-term option TERM.KEY=VALUE, e.g. infonce.critic=cosine (repeatable)."),
     prior: Optional[str] = typer.Option(None, "--prior", help="Prior: standard-normal (default), gmm, samples, or a plugin's."),
@@ -133,7 +155,12 @@ def train(
     if data_option:
         _set(o, "data", "options", dict(config_mod.parse_assignment(t, "--data-option") for t in data_option))
     _set(o, "model", "latent_dim", latent_dim)
-    _set(o, "model", "hidden", _hidden(hidden) if hidden is not None else None)
+    _set(o, "model", "name", model)
+    model_options = dict(model_option_value(t) for t in model_option)
+    if hidden is not None:
+        model_options["hidden"] = _hidden(hidden)
+    if model_options:
+        _set(o, "model", "options", model_options)
     _set(o, "objective", "terms", terms)
     _set(o, "prior", "name", prior)
     _set(o, "prior", "samples", prior_samples)
@@ -222,7 +249,9 @@ def train(
               f"{summary['best_epoch']} ({summary['space']} space). Run: {summary['run_dir']}")
         test = summary.get("test") or {}
         if test.get("iwae") is not None:
-            print(f"Test split (N={test['n']}, lower bounds on log p(x), nats per example in data units): "
+            units = (summary.get("likelihood") or {}).get("units", "nats")
+            print(f"Test split (N={test['n']}, lower bounds on log p(x) per example, likelihood "
+                  f"'{summary.get('likelihood', {}).get('name')}' in {units}, data units): "
                   f"ELBO {test['elbo']:.2f} ± {test['elbo_se']:.2f}, IWAE (K={test['iw_samples']}) "
                   f"{test['iwae']:.2f} ± {test['iwae_se']:.2f}. All metrics: elbokit evaluate {summary['run_dir']}")
 

@@ -20,9 +20,10 @@ import numpy as np
 
 @dataclass
 class Dataset:
-    """Data as arrays, before splitting. x (N, D); optional positives x_pos (N, D) and true
-    latents z (N, L); `meta` holds generator parameters (e.g. W, noise_std) as arrays or
-    numbers; `image_shape` is set for image data (e.g. (8, 8))."""
+    """Data as arrays, before splitting. x (N, *event_shape): (N, D) vectors or (N, C, H, W)
+    images; optional positives x_pos (same shape) and true latents z (N, L); `meta` holds
+    generator parameters (e.g. W, noise_std) as arrays or numbers, and `levels` for data on a
+    grid of levels; `image_shape` is set for image data (e.g. (1, 8, 8))."""
 
     name: str
     x: np.ndarray
@@ -39,7 +40,13 @@ class Dataset:
 
     @property
     def dim(self) -> int:
-        return int(self.x.shape[1])
+        """The number of values in one example, prod(event_shape)."""
+        return int(np.prod(self.x.shape[1:]))
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        """The shape of one example: (D,) for vectors, (C, H, W) for images."""
+        return tuple(int(s) for s in self.x.shape[1:])
 
     def subset(self, indices: np.ndarray) -> "Dataset":
         """The rows `indices` (x, x_pos, z); meta and image_shape are shared."""
@@ -64,14 +71,23 @@ class Standardizer:
         return cls(mean=x.mean(axis=0), std=np.where(std > eps, std, 1.0))
 
     @classmethod
-    def identity(cls, dim: int) -> "Standardizer":
-        return cls(mean=np.zeros(dim), std=np.ones(dim))
+    def identity(cls, shape: int | tuple[int, ...]) -> "Standardizer":
+        return cls(mean=np.zeros(shape), std=np.ones(shape))
+
+    def _params(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # A record written for flat (N, D) data applies to the same values laid out as images.
+        event = np.shape(x)[1:]
+        if np.shape(self.mean) != event and np.size(self.mean) == int(np.prod(event)):
+            return np.reshape(self.mean, event), np.reshape(self.std, event)
+        return self.mean, self.std
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mean) / self.std
+        mean, std = self._params(x)
+        return (x - mean) / std
 
     def inverse(self, x: np.ndarray) -> np.ndarray:
-        return x * self.std + self.mean
+        mean, std = self._params(x)
+        return x * std + mean
 
     @property
     def log_abs_det_jacobian(self) -> float:

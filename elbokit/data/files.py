@@ -98,9 +98,9 @@ def validate(ds: Dataset, source: str | None = None) -> Dataset:
     """Check shapes and values; return the dataset with float64 arrays. Rows are 0-based."""
     where = source or ds.name
     x = _numeric(ds.x, "x", where)
-    if x.ndim != 2:
-        raise ElbokitError(f"{where}: x must be a 2-D (n, dim) array, got shape {x.shape}.")
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if x.ndim < 2:
+        raise ElbokitError(f"{where}: x must be an (n, ...) array of examples, (n, dim) or (n, C, H, W), got shape {x.shape}.")
+    if x.shape[0] == 0 or x[0].size == 0:
         raise ElbokitError(f"{where}: the dataset is empty (x has shape {x.shape}); give at least one row and one column.")
     _finite(x, "x", where)
     x_pos = None
@@ -118,6 +118,8 @@ def validate(ds: Dataset, source: str | None = None) -> Dataset:
             raise ElbokitError(f"{where}: z has shape {z.shape} but x has {x.shape[0]} rows; give one row of z per row of x.")
         _finite(z, "z", where)
     ds.x, ds.x_pos, ds.z = x, x_pos, z
+    if ds.image_shape is None and x.ndim == 4:
+        ds.image_shape = tuple(int(s) for s in x.shape[1:])  # (C, H, W)
     return ds
 
 
@@ -137,7 +139,8 @@ def _finite(a: np.ndarray, what: str, where: str) -> None:
 
 
 def load_digits(radius: float = 0.1, seed: int = 0) -> Dataset:
-    """scikit-learn's 8x8 digits (1797 x 64, bundled, no download), scaled to [0, 1].
+    """scikit-learn's 8x8 digits (1797 images of 1 x 8 x 8, bundled, no download), scaled to [0, 1]:
+    each pixel is one of 17 levels k / 16, k = 0..16.
 
     Positives are x+ = clip(x + N(0, radius^2), 0, 1): a small pixel jitter that keeps the
     data in [0, 1] (so the bernoulli likelihood still applies), the image analogue of the
@@ -151,5 +154,8 @@ def load_digits(radius: float = 0.1, seed: int = 0) -> Dataset:
     x = bunch.data.astype(np.float64) / 16.0  # pixel counts 0..16
     rng = np.random.default_rng(int(seed))
     x_pos = np.clip(x + float(radius) * rng.standard_normal(x.shape), 0.0, 1.0)
-    return Dataset(name="digits", x=x, x_pos=x_pos, meta={"labels": bunch.target, "radius": float(radius)},
-                   image_shape=(8, 8))
+    # Kept as (N, 1, 8, 8) images: the row-major flattening the mlp does is sklearn's own
+    # (N, 64) order, so flat models see exactly the numbers they saw before.
+    return Dataset(name="digits", x=x.reshape(-1, 1, 8, 8), x_pos=x_pos.reshape(-1, 1, 8, 8),
+                   meta={"labels": bunch.target, "radius": float(radius), "levels": 17},
+                   image_shape=(1, 8, 8))

@@ -18,14 +18,26 @@ from elbokit.terms import ElboTerm
 
 
 class Reconstruction(ElboTerm):
-    """Reconstruction: -log p(x|z) under the likelihood (mse, gaussian, bernoulli)."""
+    """Reconstruction: -log p(x|z) under the likelihood (mse, gaussian, bernoulli, continuous-bernoulli, discretized).
+
+    Summed over every data dimension. `levels`, `low` and `high` describe the grid of a
+    `discretized` likelihood (default 256 levels in [0, 1]); `data_dim` (an example's shape)
+    is filled in by elbokit for the likelihoods with a learned scale per dimension."""
 
     name = "recon"
     needs = frozenset({"x_recon"})
 
-    def __init__(self, likelihood: str = "mse", data_dim: int | None = None):
+    def __init__(self, likelihood: str = "mse", data_dim: Any = None, levels: int | None = None,
+                 low: float | None = None, high: float | None = None):
         super().__init__()
-        self.likelihood = make_likelihood(likelihood, data_dim)
+        grid = {k: v for k, v in (("levels", levels), ("low", low), ("high", high)) if v is not None}
+        if grid and likelihood != "discretized":
+            raise ElbokitError(f"recon.{next(iter(grid))} describes the grid of the discretized likelihood; "
+                               f"drop it or use recon.likelihood=discretized.")
+        try:
+            self.likelihood = make_likelihood(likelihood, data_dim, **grid)
+        except ValueError as exc:
+            raise ElbokitError(f"Bad recon likelihood: {exc}.") from None
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         if batch.x_recon is None:

@@ -1,5 +1,7 @@
-"""Models elbokit trains: an MLP VAE with a Gaussian encoder."""
+"""Models elbokit trains: the `Model` base class, the paper's MLP VAE and a convolutional VAE."""
 
-from .vae import VAE
+from .base import Model
+from .conv import ConvVAE
+from .vae import MLP, VAE
 
-__all__ = ["VAE"]
+__all__ = ["ConvVAE", "MLP", "Model", "VAE"]

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from elbokit.batch import Batch, gaussian_posterior
+from .base import Model, posterior_from
 
 
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -20,32 +19,48 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class VAE(nn.Module):
-    """Encoder x -> (loc, scale) of a diagonal Gaussian q(z|x); decoder z -> likelihood parameters."""
+def check_sizes(name: str, value: Sequence[int] | int) -> tuple[int, ...]:
+    """A non-empty list of positive layer sizes (a single number is one layer)."""
+    values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{name} must be a non-empty list of layer sizes such as [400, 400], got {value!r}")
+    for i, v in enumerate(values):
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == int(v) and v > 0):
+            raise ValueError(f"{name}: layer sizes must be positive integers, got {v!r} at position {i + 1}")
+    return tuple(int(v) for v in values)
 
-    def __init__(self, data_dim: int, latent_dim: int = 5, hidden: Sequence[int] = (400, 400)):
-        super().__init__()
-        self.data_dim, self.latent_dim, self.hidden = int(data_dim), int(latent_dim), tuple(int(h) for h in hidden)
+
+class MLP(Model):
+    """MLP encoder and mirrored decoder (the paper's), for examples of any shape, flattened.
+
+    Encoder: Linear-ReLU layers of sizes `hidden` to the 2L parameters of a diagonal Gaussian
+    q(z|x) (scale = softplus + 1e-4); decoder: the mirror image, to prod(event_shape) values
+    reshaped to the example's shape. Option: `hidden` (default [400, 400])."""
+
+    name = "mlp"
+
+    def __init__(self, event_shape: int | Sequence[int], latent_dim: int = 5, hidden: Sequence[int] = (400, 400)):
+        super().__init__(event_shape, latent_dim)
+        self.hidden = check_sizes("hidden", hidden)
         self.encoder = mlp([self.data_dim, *self.hidden, 2 * self.latent_dim])
         self.decoder = mlp([self.latent_dim, *reversed(self.hidden), self.data_dim])
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        check_sizes("hidden", options.get("hidden", (400,)))
+
     def encode(self, x: torch.Tensor):
         """q(z|x) as Independent(Normal(loc, scale), 1)."""
-        loc, pre_scale = self.encoder(x).chunk(2, dim=-1)
-        # softplus keeps scales positive without the exp overflow of a raw log-variance.
-        return gaussian_posterior(loc, F.softplus(pre_scale) + 1e-4)
+        return posterior_from(self.encoder(x.flatten(1) if x.dim() > 2 else x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+        out = self.decoder(z)
+        return out if len(self.event_shape) == 1 else out.unflatten(-1, self.event_shape)
 
-    def forward(self, x: torch.Tensor, x_pos: torch.Tensor | None = None,
-                dataset_size: int | None = None) -> Batch:
-        """Encode, sample and decode one minibatch (and its positives when given)."""
-        posterior = self.encode(x)
-        z = posterior.rsample()
-        batch = Batch(x=x, posterior=posterior, z=z, x_recon=self.decode(z), dataset_size=dataset_size)
-        if x_pos is not None:
-            batch.x_pos = x_pos
-            batch.posterior_pos = self.encode(x_pos)
-            batch.z_pos = batch.posterior_pos.rsample()
-        return batch
+
+class VAE(MLP):
+    """The `mlp` model under its former name, taking `data_dim` (an int or an example's shape)."""
+
+    def __init__(self, data_dim: int | Sequence[int], latent_dim: int = 5, hidden: Sequence[int] = (400, 400)):
+        super().__init__(data_dim, latent_dim, hidden)
