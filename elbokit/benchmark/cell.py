@@ -7,7 +7,8 @@ test split with `elbokit.evaluate.evaluate_run` (what `elbokit train` stores and
 evaluate` prints), and writes GRID/cells/NAME.result.json. A cell whose result exists is left
 alone. Exit status: 0 when a result was written (also for a failed or diverged cell: that is
 a result), 128 + signal when SIGINT/SIGTERM stopped it (its checkpoint is saved; the next
-invocation resumes it).
+invocation resumes it), 75 when another process holds the run directory's lock (RUN_DIR/.lock,
+e.g. `elbokit train --resume` on it): the cell is left for the next invocation.
 
 On Linux the process asks the kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG), so
 a SIGKILLed driver does not leave cells training unsupervised: they save a checkpoint and stop.
@@ -69,6 +70,8 @@ def run_cell(grid_path: str | Path, name: str) -> int:
         started = time.perf_counter()
         result = _train_and_score(grid, name)
         if result is None:
+            if _INTERRUPT["busy"]:
+                return EXIT_BUSY
             return EXIT_INTERRUPTED if _INTERRUPT["signum"] is None else 128 + _INTERRUPT["signum"]
         result["cost"]["cell_seconds"] = round(time.perf_counter() - started, 3)
         result["cost"]["peak_rss_mb"] = peak_rss_mb()
@@ -78,11 +81,14 @@ def run_cell(grid_path: str | Path, name: str) -> int:
     return 0
 
 
-_INTERRUPT: dict[str, Any] = {"signum": None}
+_INTERRUPT: dict[str, Any] = {"signum": None, "busy": False}
+EXIT_BUSY = 75  # EX_TEMPFAIL: the cell's run directory is locked by another process
 
 
 def _train_and_score(grid: Any, name: str) -> dict[str, Any] | None:
     from .. import config as config_mod
+    from ..metrics import normalize_report
+    from ..run import RunDirLocked
     from ..train import TrainingDiverged, TrainingInterrupted, train
 
     cell = grid.read_cell(name)
@@ -104,6 +110,7 @@ def _train_and_score(grid: Any, name: str) -> dict[str, Any] | None:
             from ..run import load_run
 
             test = evaluate_run(load_run(run_dir, "best"), split="test")
+        test = normalize_report(test)
         result["metrics"] = {k: v for k, v in test.items() if isinstance(v, (int, float)) or v is None}
         seconds = summary["train_seconds"]
         # Over the whole run (summary.json's own figure covers only its last process).
@@ -111,6 +118,12 @@ def _train_and_score(grid: Any, name: str) -> dict[str, Any] | None:
         result["cost"] = {"epochs": summary["epochs"], "steps": summary["steps"], "train_seconds": seconds,
                           "steps_per_second": rate, "eval_seconds": test.get("seconds"),
                           "stopped_by": summary.get("stopped_by")}
+    except RunDirLocked as exc:
+        # Someone else writes the run directory (e.g. `elbokit train --resume` on it): not a
+        # result; the next invocation of the grid runs the cell again.
+        print(f"Error: {exc}", file=sys.stderr)
+        _INTERRUPT["busy"] = True
+        return None
     except TrainingInterrupted as exc:
         _INTERRUPT["signum"] = exc.signum
         return None

@@ -34,31 +34,26 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_mod
+from .. import metrics as metric_names
 from ..errors import ElbokitError
 
 GRID_FORMAT = 1
 
-# The one table of result columns: (column, key in the `elbokit evaluate` report, what it is).
-# A rename of a metric happens here only.
+# The result columns. Metric names, what they are and their units come from the one table of
+# metric names, elbokit.metrics; the grid only chooses which and adds its own cost columns.
+RESULT_METRIC_NAMES = ["elbo", "iwae", "exact_loglik", "recon", "kl", "mi", "marginal_kl", "aggregate_entropy",
+                       "aggregate_cross_entropy", "mse", "active_units", "latent_r2", "paper_mse", "paper_kld",
+                       "paper_elbo"]
 METRICS: list[tuple[str, str, str]] = [
-    ("elbo", "elbo", "held-out ELBO, lower bound on log p(x), nats/example, data units (higher is better)"),
-    ("iwae", "iwae", "held-out IWAE (K = 1000), lower bound >= ELBO (higher is better)"),
-    ("exact_loglik", "exact_loglik", "exact log p(x) of the generator (dataset 1 only)"),
-    ("recon", "recon", "-E log p(x|z), nats/example (lower is better)"),
-    ("kl", "kl", "KL(q(z|x) || p(z)) per example, nats"),
-    ("mi", "mi", "I_q(x; z) of the aggregate posterior, nats"),
-    ("marginal_kl", "marginal_kl", "KL(q(z) || p(z)), nats"),
-    ("mse", "mse", "squared error summed over dimensions, data units"),
-    ("active_units", "active_units", "latent dimensions with Cov_x(E[z|x]) > 0.01"),
-    ("latent_r2", "latent_r2", "cross-validated R^2 of a linear map from E[z|x] to the true z"),
-    ("paper_mse", "paper_mse", "the paper's MSE (standardised space); not a bound"),
-    ("paper_kld", "paper_kld", "the paper's KLD (the per-example KL); not a bound"),
-    ("paper_elbo", "paper_elbo", "the paper's 'ELBO' = -MSE - KLD; not a bound, does not rank models"),
+    (name, name, f"{metric_names.metric(name).description} ({metric_names.metric(name).units}; "
+                 f"{metric_names.metric(name).kind}" + (f", {metric_names.metric(name).better} is better)"
+                                                        if metric_names.metric(name).better else ")"))
+    for name in RESULT_METRIC_NAMES
 ]
 COST: list[tuple[str, str]] = [
-    ("epochs", "epochs trained (early stopping ends most runs before max_epochs)"),
+    ("epochs", metric_names.metric("epochs").description + " (early stopping ends most runs before max_epochs)"),
     ("train_seconds", "training wall time of the run, seconds (summed over resumptions)"),
-    ("steps_per_second", "optimiser steps per second of training: steps / train_seconds"),
+    ("steps_per_second", "optimiser steps per second over the whole run: steps / train_seconds"),
     ("eval_seconds", "held-out evaluation time, seconds"),
     ("peak_rss_mb", "peak resident memory of the cell's last process, MB"),
 ]
@@ -582,7 +577,7 @@ def run_grid(spec: GridSpec, out: str | Path, executor: Any, *, retry_failed: bo
 
     def on_done(name: str, code: int) -> None:
         result = grid.read_result(name)
-        if result is None and code not in (0, 130, 143, -2, -15):
+        if result is None and code not in (0, 75, 130, 143, -2, -15):
             # The cell's process died without recording an outcome (killed, out of memory, ...).
             result = {"name": name, "status": "failed", "metrics": {}, "cost": {},
                       "error": f"the cell's process exited with code {code}; see cells/{name}.log"}
@@ -593,13 +588,26 @@ def run_grid(spec: GridSpec, out: str | Path, executor: Any, *, retry_failed: bo
 
         write_text(grid.path / "results.csv", csv_text(grid.rows(), RESULT_COLUMNS))
 
+    import time
+
+    from .. import __version__
+
+    started = time.perf_counter()
+    finished = False
     try:
         if todo:
             executor.run(grid.path, todo, threads, on_done)
+        finished = True
     finally:
         progress.stop()
-        summary = write_outputs(grid, header=header, extra_markdown=extra_markdown)
+        seconds = time.perf_counter() - started
+        where = f"--executor {executor.name}" + (f" --jobs {executor.jobs}" if hasattr(executor, "jobs") else "")
+        note = (f"Made by `elbokit benchmark grid` (elbokit {__version__}); its last invocation "
+                f"{'ran' if finished else 'was interrupted after starting'} {len(todo)} cells in {seconds:.0f} s "
+                f"of wall time ({where}).")
+        summary = write_outputs(grid, header=(header + "\n\n" if header else "") + note, extra_markdown=extra_markdown)
     summary["ran"] = todo
+    summary["wall_seconds"] = round(seconds, 1)
     return summary
 
 

@@ -197,7 +197,7 @@ def grid(
     if not quiet:
         _print_table(summary, f"{grid_dir.path}: {summary['ok']} of {summary['cells']} cells ok")
         note = f"{summary['failed']} cells failed or diverged (rows with their error in results.csv). " if summary["failed"] else ""
-        print(f"{note}Ran {len(summary['ran'])} cells. Outputs: results.csv, summary.csv, summary.json, summary.md, "
+        print(f"{note}Ran {len(summary['ran'])} cells in {summary['wall_seconds']:.0f} s. Outputs: results.csv, summary.csv, summary.json, summary.md, "
               f"figures/ in {grid_dir.path}")
 
 
