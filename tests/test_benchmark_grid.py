@@ -276,3 +276,22 @@ def test_presets_resolve_to_the_papers_settings(tmp_path, run_cli):
     assert {c["variant"] for c in quick["cells"]} == {c["variant"] for c in full["cells"]}
     assert quick["cells"][0]["config"]["data"]["n"] == 2000 and quick["cells"][0]["config"]["train"]["max_epochs"] == 30
     assert not (tmp_path / "t").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_grid_file_of_the_docs_resolves_as_documented(tmp_path, run_cli):
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "grids.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.DOTALL).group(1)
+    (tmp_path / "grid.toml").write_text(block)
+    res = run_cli("benchmark", "grid", tmp_path / "grid.toml", "--out", tmp_path / "out", "--print-grid", "--json")
+    assert res.exit_code == 0, res.stderr
+    cells = json.loads(res.stdout)["cells"]
+    assert len(cells) == 2 * 2 * 2 * 5  # variants x data x priors x seeds
+    by_name = {c["name"]: c["config"] for c in cells}
+    mss = by_name["mss-mixture-ed-gmm5-s4"]
+    assert mss["terms"]["entropy"]["estimator"] == "mss"
+    assert mss["prior"] == {**mss["prior"], "name": "gmm", "options": {"n_components": 5}}
+    assert mss["train"]["max_epochs"] == 200 and mss["train"]["seed"] == 4
+    assert "entropy" not in by_name["mws-my_data-ed-standard-normal-s0"]["terms"]
+    assert by_name["mws-my_data-ed-standard-normal-s0"]["data"]["dataset"] == "data/my_data.npz"
