@@ -639,7 +639,9 @@ def estimate_seconds(cells: list[Cell], grid: GridDir, jobs: int) -> dict[str, A
             "source": "this grid's finished cells" if measured else "the reference speed in docs/grids.md"}
 
 
-# Measured on 2 shared CPU cores, 1 thread per cell (docs/grids.md): the paper's 2 x 400 MLP,
-# batch 512, the `ed` objective; and the held-out evaluation of 1000 test rows with K = 1000.
+# The reference speed when the grid has no finished cell yet, from the README's measured main
+# command (`ed` on dataset 2 with the paper's 2 x 400 MLP, batch 512, one thread: 50 epochs of
+# 15 steps and the evaluation of 1000 test rows in 37 s on 2 CPU cores): about 25 steps per
+# second and 5 s of evaluation and start-up. Finished cells of the grid replace it.
 STEPS_PER_SECOND = 25.0
 EVAL_SECONDS = 5.0
