@@ -621,7 +621,7 @@ def estimate_seconds(cells: list[Cell], grid: GridDir, jobs: int) -> dict[str, A
     for name in grid.cell_names() if grid.read_index() else []:
         result = grid.read_result(name)
         if result and result["status"] == "ok" and result["cost"].get("steps_per_second"):
-            measured.append(result["cost"]["steps_per_second"] * (grid.read_cell(name)["config"]["train"]["threads"] or 1))
+            measured.append(result["cost"]["steps_per_second"])
     total = 0.0
     todo = 0
     for cell in cells:
