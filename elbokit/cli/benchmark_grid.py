@@ -87,7 +87,7 @@ def _print_plan(cells: list, grid: Any, estimate: dict[str, Any], executor: str,
 def grid(
     grid_file: Optional[Path] = typer.Argument(None, help="A grid file (TOML, docs/grids.md); options given here override it."),
     preset: Optional[str] = typer.Option(None, "--preset", help="A named grid: table2 (the paper's Table II) or choices (estimator choices around ed)."),
-    quick: bool = typer.Option(False, "--quick", help="Shrink the preset or grid: 2 seeds, at most 30 epochs, 2000 rows."),
+    quick: bool = typer.Option(False, "--quick", help="Shrink the preset to the same shape: 2 seeds, at most 30 epochs, 2000 rows."),
     terms: list[str] = typer.Option([], "--terms", help="An axis entry: a preset (classic, ed) or name[:weight] items (repeatable)."),
     prior: list[str] = typer.Option([], "--prior", help="An axis entry: a prior name (repeatable)."),
     data: list[str] = typer.Option([], "--data", help="An axis entry: a dataset name or a data file (repeatable)."),
@@ -140,14 +140,13 @@ def grid(
     if preset is not None:
         spec = spec_from_dict(presets.preset(preset, quick=quick), f"preset {preset}")
         spec.preset = preset
+    elif quick:
+        raise ElbokitError("--quick shrinks a preset (--preset table2 or choices); for your own grid give fewer "
+                           "--seeds, --max-epochs and --n.")
     elif grid_file is not None:
         spec = load_grid_file(grid_file)
-        if quick:
-            _shrink(spec)
     else:
         spec = spec_from_dict({}, "the command line")
-        if quick:
-            _shrink(spec)
     for axis, values in (("terms", terms), ("prior", prior), ("data", data)):
         if values:
             spec.axes[axis] = [axis_entry(axis, v, "the command line") for v in values]
@@ -199,17 +198,6 @@ def grid(
         note = f"{summary['failed']} cells failed or diverged (rows with their error in results.csv). " if summary["failed"] else ""
         print(f"{note}Ran {len(summary['ran'])} cells in {summary['wall_seconds']:.0f} s. Outputs: results.csv, summary.csv, summary.json, summary.md, "
               f"figures/ in {grid_dir.path}")
-
-
-def _shrink(spec: Any) -> None:
-    from elbokit.benchmark.presets import QUICK
-
-    seeds = spec.axes.get("seed")
-    if seeds:
-        spec.axes["seed"] = seeds[:QUICK["seeds"]]
-    train = spec.fixed.setdefault("train", {})
-    train["max_epochs"] = min(train.get("max_epochs", QUICK["max_epochs"]), QUICK["max_epochs"])
-    spec.fixed.setdefault("data", {})["n"] = QUICK["n"]
 
 
 def register(benchmark_app: typer.Typer) -> None:
