@@ -10,7 +10,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import random
 import signal
 import subprocess
