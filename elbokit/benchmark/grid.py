@@ -214,6 +214,15 @@ def _absolute_paths(partial: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A grid's own defaults, under the file's and the command line's settings: one torch thread per
+# cell, so that a cell's numbers do not depend on --jobs, the executor or the machine's cores.
+GRID_DEFAULTS: dict[str, Any] = {"train": {"threads": 1}}
+
+
+def _fixed(spec: GridSpec) -> dict[str, Any]:
+    return deep_merge(GRID_DEFAULTS, spec.fixed)
+
+
 def resolve_cells(spec: GridSpec, grid_dir: str | Path) -> list[Cell]:
     """Every cell of the grid, with its fully resolved config (run directory GRID/runs/NAME).
     A bad key or value is one line naming the cell."""
@@ -221,7 +230,7 @@ def resolve_cells(spec: GridSpec, grid_dir: str | Path) -> list[Cell]:
     axes = [spec.axes.get(a) or [AxisEntry(None, {})] for a in AXES]
     cells: dict[str, Cell] = {}
     for combo in itertools.product(*axes):
-        partial = copy.deepcopy(spec.fixed)
+        partial = _fixed(spec)
         for entry in (*combo[1:], combo[0]):  # a variant, the most specific, is applied last
             partial = deep_merge(partial, entry.overrides)
         partial = _absolute_paths(partial)
@@ -286,7 +295,7 @@ def check_names(cells: list[Cell]) -> None:
 def _shared_settings(spec: GridSpec) -> dict[str, Any]:
     """The resolved value of every setting no axis sets: what every cell of the grid shares."""
     axis_keys = {k for entries in spec.axes.values() for e in entries for k in _flat(e.overrides)}
-    resolved = _flat(config_mod.resolve(_absolute_paths(spec.fixed), source="the grid's fixed settings"))
+    resolved = _flat(config_mod.resolve(_absolute_paths(_fixed(spec)), source="the grid's fixed settings"))
     return {k: v for k, v in resolved.items() if k not in axis_keys and k != "output.out"}
 
 
