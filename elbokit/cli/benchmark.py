@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import benchmark_estimators
+from . import benchmark_estimators, benchmark_grid
 
 benchmark_app = typer.Typer(
     name="benchmark",
@@ -12,7 +12,7 @@ benchmark_app = typer.Typer(
     no_args_is_help=True,
 )
 
-for _commands in (benchmark_estimators,):
+for _commands in (benchmark_estimators, benchmark_grid):
     _commands.register(benchmark_app)
 
 

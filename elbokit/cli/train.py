@@ -95,6 +95,60 @@ def model_option_value(text: str) -> tuple[str, Any]:
     return config_mod.parse_assignment(text, "--model-option")
 
 
+def config_overrides(*, data: Optional[str] = None, data_seed: Optional[int] = None, n: Optional[int] = None,
+                     data_dim: Optional[int] = None, data_latent_dim: Optional[int] = None,
+                     noise_std: Optional[float] = None, radius: Optional[float] = None, data_option: list[str] = (),
+                     latent_dim: Optional[int] = None, model: Optional[str] = None, model_option: list[str] = (),
+                     hidden: Optional[str] = None, terms: Optional[str] = None, option: list[str] = (),
+                     prior: Optional[str] = None, prior_samples: Optional[str] = None, prior_option: list[str] = (),
+                     seed: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
+                     max_epochs: Optional[int] = None, patience: Optional[int] = None, select: Optional[str] = None,
+                     lr_schedule: Optional[str] = None, lr_warmup_steps: Optional[int] = None,
+                     lr_min: Optional[float] = None, lr_cosine_epochs: Optional[int] = None,
+                     lr_step_epochs: Optional[int] = None, lr_gamma: Optional[float] = None,
+                     lr_plateau_patience: Optional[int] = None, grad_clip: Optional[float] = None,
+                     device: Optional[str] = None, threads: Optional[int] = None, evaluate: Optional[bool] = None,
+                     checkpoint_seconds: Optional[float] = None, out: Optional[str] = None, name: Optional[str] = None,
+                     tag: list[str] = (), tensorboard: Optional[bool] = None) -> dict[str, Any]:
+    """The options of `elbokit train` as a partial config (also the options a benchmark grid
+    holds fixed for all its cells)."""
+    from elbokit import config as config_mod
+
+    o: dict[str, Any] = {}
+    for key, value in (("dataset", data), ("seed", data_seed), ("n", n), ("data_dim", data_dim),
+                       ("latent_dim", data_latent_dim), ("noise_std", noise_std), ("radius", radius)):
+        _set(o, "data", key, value)
+    if data_option:
+        _set(o, "data", "options", dict(config_mod.parse_assignment(t, "--data-option") for t in data_option))
+    _set(o, "model", "latent_dim", latent_dim)
+    _set(o, "model", "name", model)
+    model_options = dict(model_option_value(t) for t in model_option)
+    if hidden is not None:
+        model_options["hidden"] = _hidden(hidden)
+    if model_options:
+        _set(o, "model", "options", model_options)
+    _set(o, "objective", "terms", terms)
+    _set(o, "prior", "name", prior)
+    _set(o, "prior", "samples", prior_samples)
+    if prior_option:
+        _set(o, "prior", "options", dict(config_mod.parse_assignment(t, "--prior-option") for t in prior_option))
+    for key, value in (("seed", seed), ("lr", lr), ("batch_size", batch_size), ("max_epochs", max_epochs),
+                       ("patience", patience), ("select", select), ("grad_clip", grad_clip), ("device", device), ("threads", threads),
+                       ("evaluate", evaluate), ("checkpoint_seconds", checkpoint_seconds),
+                       ("lr_schedule", lr_schedule), ("lr_warmup_steps", lr_warmup_steps), ("lr_min", lr_min),
+                       ("lr_cosine_epochs", lr_cosine_epochs), ("lr_step_epochs", lr_step_epochs), ("lr_gamma", lr_gamma),
+                       ("lr_plateau_patience", lr_plateau_patience)):
+        _set(o, "train", key, value)
+    _set(o, "output", "out", out)
+    _set(o, "output", "tensorboard", tensorboard)
+    _set(o, "output", "name", name)
+    if tag:
+        _set(o, "output", "tags", tag)
+    if option:
+        o["terms"] = config_mod.term_options(option)
+    return o
+
+
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config file; options given here override it."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as TOML and exit."),
@@ -148,38 +202,15 @@ def train(
     from elbokit.train import LineReporter, RunWriteFailed, SilentReporter, TrainingDiverged, TrainingInterrupted
     from elbokit.train import train as run_training
 
-    o: dict[str, Any] = {}
-    for key, value in (("dataset", data), ("seed", data_seed), ("n", n), ("data_dim", data_dim),
-                       ("latent_dim", data_latent_dim), ("noise_std", noise_std), ("radius", radius)):
-        _set(o, "data", key, value)
-    if data_option:
-        _set(o, "data", "options", dict(config_mod.parse_assignment(t, "--data-option") for t in data_option))
-    _set(o, "model", "latent_dim", latent_dim)
-    _set(o, "model", "name", model)
-    model_options = dict(model_option_value(t) for t in model_option)
-    if hidden is not None:
-        model_options["hidden"] = _hidden(hidden)
-    if model_options:
-        _set(o, "model", "options", model_options)
-    _set(o, "objective", "terms", terms)
-    _set(o, "prior", "name", prior)
-    _set(o, "prior", "samples", prior_samples)
-    if prior_option:
-        _set(o, "prior", "options", dict(config_mod.parse_assignment(t, "--prior-option") for t in prior_option))
-    for key, value in (("seed", seed), ("lr", lr), ("batch_size", batch_size), ("max_epochs", max_epochs),
-                       ("patience", patience), ("select", select), ("grad_clip", grad_clip), ("device", device), ("threads", threads),
-                       ("evaluate", evaluate), ("checkpoint_seconds", checkpoint_seconds),
-                       ("lr_schedule", lr_schedule), ("lr_warmup_steps", lr_warmup_steps), ("lr_min", lr_min),
-                       ("lr_cosine_epochs", lr_cosine_epochs), ("lr_step_epochs", lr_step_epochs), ("lr_gamma", lr_gamma),
-                       ("lr_plateau_patience", lr_plateau_patience)):
-        _set(o, "train", key, value)
-    _set(o, "output", "out", out)
-    _set(o, "output", "tensorboard", tensorboard)
-    _set(o, "output", "name", name)
-    if tag:
-        _set(o, "output", "tags", tag)
-    if option:
-        o["terms"] = config_mod.term_options(option)
+    o = config_overrides(
+        data=data, data_seed=data_seed, n=n, data_dim=data_dim, data_latent_dim=data_latent_dim, noise_std=noise_std,
+        radius=radius, data_option=data_option, latent_dim=latent_dim, model=model, model_option=model_option,
+        hidden=hidden, terms=terms, option=option, prior=prior, prior_samples=prior_samples, prior_option=prior_option,
+        seed=seed, lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience, select=select,
+        lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, lr_min=lr_min, lr_cosine_epochs=lr_cosine_epochs,
+        lr_step_epochs=lr_step_epochs, lr_gamma=lr_gamma, lr_plateau_patience=lr_plateau_patience,
+        grad_clip=grad_clip, device=device, threads=threads, evaluate=evaluate,
+        checkpoint_seconds=checkpoint_seconds, out=out, name=name, tag=tag, tensorboard=tensorboard)
 
     if resume is not None:
         from elbokit.errors import ElbokitError
