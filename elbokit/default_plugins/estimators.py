@@ -40,6 +40,7 @@ class AnalyticKL(Estimator):
     """Closed-form KL(q(z|x) || p(z)) by torch.distributions.kl_divergence, resolved to the base distributions."""
 
     quantity, name, kind = "kl", "analytic", "exact"
+    scope = "example"
 
     def check_prior(self, prior: Prior) -> str | None:
         if not prior.has_log_prob:
@@ -58,6 +59,7 @@ class MonteCarloKL(Estimator):
     """Monte-Carlo KL: log q(z|x) - log p(z) at the batch's sample z (unbiased)."""
 
     quantity, name = "kl", "mc"
+    scope = "example"
     needs = frozenset({"prior_log_prob"})
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
@@ -68,6 +70,7 @@ class AutoKL(Estimator):
     """Analytic KL where torch has a rule for the pair down to the base distributions, else Monte Carlo."""
 
     quantity, name = "kl", "auto"
+    scope = "example"
     needs = frozenset({"prior_log_prob"})
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
@@ -95,6 +98,7 @@ class EntropyMWS(Estimator):
     """Minibatch weighted sampling: log q^(z_i) = logsumexp_j log q(z_i|x_j) - log(N M)."""
 
     quantity, name = "entropy", "mws"
+    scope = "batch"
     needs = frozenset({"dataset_size"})
 
     def __init__(self, chunk: int = 256):
@@ -118,6 +122,7 @@ class EntropyMSS(Estimator):
     """Minibatch stratified sampling: log q^(z_i) = logsumexp_j (log w_ij + log q(z_i|x_j))."""
 
     quantity, name = "entropy", "mss"
+    scope = "batch"
     needs = frozenset({"dataset_size"})
 
     def __init__(self, chunk: int = 256):
@@ -136,6 +141,7 @@ class EntropyGaussian(Estimator):
     """Entropy of a Gaussian fitted to the batch's z: an upper bound on H[q(z)] for that covariance."""
 
     quantity, name, kind = "entropy", "gaussian", "upper bound"
+    scope = "batch"
 
     def __init__(self, jitter: float = 1e-6):
         super().__init__()
@@ -155,6 +161,7 @@ class ConditionalEntropyLogvar(Estimator):
     """The paper's 0.5*sum(1 + log 2pi + log s^2): the CONDITIONAL entropy E_x H[q(z|x)], not H[q(z)]."""
 
     quantity, name, kind = "entropy", "logvar", "estimate"
+    scope = "example"
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         scale = batch.posterior_scale
@@ -173,6 +180,7 @@ class EntropyKNN(Estimator):
     """Kozachenko-Leonenko k-nearest-neighbour entropy of the batch's z; needs no density."""
 
     quantity, name = "entropy", "knn"
+    scope = "batch"
 
     def __init__(self, k: int = 3):
         super().__init__()
@@ -194,6 +202,7 @@ class CrossEntropyAnalytic(Estimator):
     """Closed form for the standard normal: 0.5 * (L log 2pi + ||z||^2)."""
 
     quantity, name, kind = "cross_entropy", "analytic", "estimate"
+    scope = "example"
 
     def check_prior(self, prior: Prior) -> str | None:
         if prior.name != "standard-normal":
@@ -210,6 +219,7 @@ class CrossEntropyMC(Estimator):
     """Monte Carlo: -log p(z_i) at the batch's codes."""
 
     quantity, name = "cross_entropy", "mc"
+    scope = "example"
     needs = frozenset({"prior_log_prob"})
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
@@ -220,6 +230,7 @@ class CrossEntropyKNN(Estimator):
     """k-NN cross-entropy to prior samples: psi(Mp) - psi(k) + log c_d + d log rho_k(z_i)."""
 
     quantity, name = "cross_entropy", "knn"
+    scope = "batch"
     needs = frozenset({"prior_samples"})
 
     def __init__(self, k: int = 3, n_prior: int = 2048):
@@ -240,6 +251,7 @@ class CrossEntropyAuto(Estimator):
     """analytic for the standard normal, mc for priors with log_prob, knn for sample-only priors."""
 
     quantity, name = "cross_entropy", "auto"
+    scope = "batch"  # its knn fallback is; analytic and mc are per-example
 
     def __init__(self, k: int = 3, n_prior: int = 2048):
         super().__init__()
@@ -271,6 +283,7 @@ class InfoNCE(Estimator):
     """
 
     quantity, name, kind = "mi", "infonce", "lower bound"
+    scope = "batch"
     needs = frozenset({"positives"})  # of the default critic; `encoder` needs none
 
     def __init__(self, critic: str = "cosine", temperature: float = 0.1, chunk: int = 256):
@@ -310,6 +323,7 @@ class MutualInformationMWS(Estimator):
     """MWS estimate of I(x;z): log q(z_i|x_i) - log q^(z_i), with q^ as in entropy/mws."""
 
     quantity, name = "mi", "mws"
+    scope = "batch"
     needs = frozenset({"dataset_size"})
 
     def __init__(self, chunk: int = 256):
