@@ -224,3 +224,15 @@ def test_every_built_in_term_and_estimator_declares_its_scope(fresh_registry):
         cls = info.obj
         if cls.quantity is None and name != "marginal-kl":
             assert cls.scope in SCOPES, name
+
+
+def test_the_conformance_checks_refuse_an_unknown_scope():
+    from elbokit.testing import check_estimator
+
+    class Misdeclared(_Undeclared):
+        """An estimator whose scope is not one of SCOPES."""
+
+        scope = "per-row"
+
+    with pytest.raises(AssertionError, match="declares scope 'per-row'; valid: example, batch"):
+        check_estimator(Misdeclared)
