@@ -240,7 +240,7 @@ class ProcessGroup:
     """This process's place in a run on several processes, and what the training loop asks of
     the group: its shard of each global batch, DDP, agreeing to stop, the epoch's sums, every
     process's random state for checkpoints. Create it with `ProcessGroup.start(device)` on
-    every process launched by torchrun; `close()` at the end."""
+    every process launched by torchrun; the processes leave the group together at exit."""
 
     def __init__(self, rank: int, world_size: int, local_rank: int, backend: str):
         self.rank, self.world_size, self.local_rank, self.backend = rank, world_size, local_rank, backend
