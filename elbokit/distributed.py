@@ -411,6 +411,12 @@ def _leave_together() -> None:
     before process 0 has printed how to resume."""
     if not dist.is_initialized():
         return
+    import signal
+
+    # Leaving anyway: torchrun's SIGTERM to the last processes (sent once one has exited) must
+    # not cut the exit short.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         dist.barrier()
     except Exception:  # noqa: BLE001 - a process already gone: nothing left to wait for

@@ -93,10 +93,11 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ru
     assert lines == [f"Interrupted: the run is saved at step {STOP_AT_STEP - 8} of epoch 2 (resuming finishes "
                      f"that epoch exactly) in {runs['root'] / 'stopped'}; resume with: torchrun --nproc-per-node 2 -m "
                      f"elbokit train --resume {runs['root'] / 'stopped'}"]
-    # torchrun lists the workers it saw fail (one or both, by timing): every one with 143, the
-    # code of a one-process run stopped by SIGTERM, none with a traceback's 1.
+    # torchrun lists the workers it saw fail (one or both, by timing) with 143, the code of a
+    # one-process run stopped by SIGTERM; a process still exiting when torchrun sends SIGTERM to
+    # the rest may show -15. None fails with a traceback's 1.
     codes = re.findall(r"exitcode\s+: (-?\d+) \(pid", stopped.stderr)
-    assert codes and set(codes) == {"143"}, codes
+    assert "143" in codes and set(codes) <= {"143", "-15"}, codes
     assert not re.search(r"\[rank\d\]: Traceback", stopped.stderr)  # torchrun's own report aside
     meta = runs["at_stop"]
     assert meta["epoch"] == 1 and meta["partial_epoch"]["steps_done"] == STOP_AT_STEP - 8
