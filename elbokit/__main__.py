@@ -1,4 +1,5 @@
-"""`python -m elbokit ...` runs the command line, as the `elbokit` console script does."""
+"""`python -m elbokit ...` runs the command line, as the `elbokit` console script does
+(and `torchrun ... -m elbokit train ...` runs a distributed training)."""
 
 from elbokit.cli import console_main
 

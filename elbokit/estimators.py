@@ -37,6 +37,14 @@ NEEDS: dict[str, str] = {
     "prior_samples": "a prior that can be sampled",
 }
 
+# What a component's per-example contribution i depends on, declared as `scope`. A run on
+# several processes (elbokit.distributed) evaluates "batch" components on the global batch
+# gathered from every process, and refuses components that declare neither (None).
+SCOPES: dict[str, str] = {
+    "example": "per-example: contribution i depends on example i alone",
+    "batch": "batch-wide: contribution i depends on the whole batch (InfoNCE, MWS, kNN, ...)",
+}
+
 
 class Estimator(nn.Module):
     """Estimates `quantity` from a `Batch` and a `Prior`.
@@ -45,13 +53,15 @@ class Estimator(nn.Module):
     estimate. `needs` lists what the estimator requires (see `NEEDS`); `check_prior` can refuse
     a prior for reasons the flags do not capture (e.g. no analytic KL for that pair) by
     returning one sentence. `kind` says what the number is: "exact", "lower bound",
-    "upper bound" or "estimate".
+    "upper bound" or "estimate". `scope` is "example" or "batch" (see `SCOPES`); a third-party
+    estimator that leaves it None cannot be trained on several processes.
     """
 
     quantity: ClassVar[str] = ""
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     kind: ClassVar[str] = "estimate"
+    scope: ClassVar[str | None] = None
 
     def check_prior(self, prior: Prior) -> str | None:
         """None if this estimator can use `prior`, else one sentence saying why not."""

@@ -76,6 +76,10 @@ class ObjectiveOutput:
 class Objective(nn.Module):
     """A weighted sum of terms: loss = sum_t w_t * mean_i term_t(i), in nats per example."""
 
+    # Set by elbokit.distributed.use_global_batch in a run on several processes: evaluates the
+    # batch-wide terms on the batch gathered from every process. None: every term sees `batch`.
+    global_batch: Any = None
+
     def __init__(self, terms: Mapping[str, ElboTerm], weights: Mapping[str, float], prior: Prior,
                  dataset_size: int | None = None):
         super().__init__()
@@ -122,8 +126,11 @@ class Objective(nn.Module):
             batch = dataclasses.replace(batch, dataset_size=self.dataset_size)
         total = batch.z.new_zeros(batch.size)
         values: dict[str, torch.Tensor] = {}
-        for name, term in self.terms.items():
-            per_example = term(batch, self.prior)
+        if self.global_batch is not None:  # several processes: see elbokit.distributed
+            per_term = self.global_batch.evaluate(self, batch)
+        else:
+            per_term = {name: term(batch, self.prior) for name, term in self.terms.items()}
+        for name, per_example in per_term.items():
             values[name] = per_example.detach().mean()
             total = total + self.weights[name] * per_example
         return ObjectiveOutput(loss=total.mean(), terms=values, per_example=total.detach())

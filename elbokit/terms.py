@@ -22,7 +22,8 @@ class ElboTerm(nn.Module):
     Most terms are `sign * estimate` of one quantity: set `quantity` (see
     `elbokit.estimators.QUANTITIES`), `default_estimator` and `sign`, and the estimator is
     chosen by name when the objective is built. Terms that compute their value directly
-    (such as `recon`) set `quantity = None` and override `forward`.
+    (such as `recon`) set `quantity = None`, override `forward` and declare `scope` ("example"
+    or "batch", see `elbokit.estimators.SCOPES`); a term with an estimator takes its scope.
     """
 
     name: ClassVar[str] = ""
@@ -30,6 +31,7 @@ class ElboTerm(nn.Module):
     default_estimator: ClassVar[str | None] = None
     sign: ClassVar[int] = 1
     needs: ClassVar[frozenset[str]] = frozenset()
+    scope: ClassVar[str | None] = None
 
     def __init__(self, estimator: Estimator | None = None):
         super().__init__()
@@ -39,6 +41,10 @@ class ElboTerm(nn.Module):
         """What this term needs, with its estimator's needs."""
         extra = self.estimator.needs if self.estimator is not None else frozenset()
         return frozenset(self.needs) | extra
+
+    def batch_scope(self) -> str | None:
+        """"example" or "batch" (this term's, or its estimator's), None if undeclared."""
+        return self.estimator.scope if self.estimator is not None else self.scope
 
     def check_prior(self, prior: Prior) -> str | None:
         """None if this term can use `prior`, else one sentence saying why not."""

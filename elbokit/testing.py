@@ -48,7 +48,7 @@ from torch import nn
 from . import contracts
 from .batch import Batch, gaussian_posterior
 from .errors import IncompatibleError, PluginError
-from .estimators import NEEDS, QUANTITIES, Estimator
+from .estimators import NEEDS, QUANTITIES, SCOPES, Estimator
 from .hookspecs import hookimpl
 from .objective import Objective, build_objective
 from .plugins import Registry, first_line
@@ -324,6 +324,8 @@ def _check_declarations(cls: type, what: str) -> None:
     _check(first_line(cls), what, "has no docstring; its first line is what the listings show.")
     unknown = sorted(set(getattr(cls, "needs", frozenset())) - set(NEEDS))
     _check(not unknown, what, f"declares unknown needs {unknown}; valid needs: {', '.join(sorted(NEEDS))}.")
+    scope = getattr(cls, "scope", None)  # None: undeclared, refused only by a run on several processes
+    _check(scope is None or scope in SCOPES, what, f"declares scope {scope!r}; valid: {', '.join(SCOPES)} (or None).")
 
 
 def check_term(

@@ -311,12 +311,23 @@ def train(config: dict[str, Any] | None = None, *, resume: str | Path | None = N
         cfg = resume_config(resume, config)
     else:
         cfg = config if config is not None else config_mod.resolve()
+    group = None
+    if _world_size() > 1:  # started by torchrun: see elbokit.distributed and docs/distributed.md
+        from .distributed import ProcessGroup, check_batch_split
+
+        check_batch_split(cfg["train"]["batch_size"], _world_size())
+        group = ProcessGroup.start(cfg["train"]["device"])
+        cfg["train"]["device"] = group.device_for(cfg["train"]["device"])
+        if not group.is_writer:
+            reporter = SilentReporter()
     with _threads(cfg) as (cfg, threads_from):
         setup = prepare(cfg, resume=resume, registry=registry)
         setup.threads_from = threads_from
+        if group is not None:
+            check_batch_split(min(cfg["train"]["batch_size"], setup.splits["train"].x.shape[0]), group.world_size)
         for note in setup.notes:
             reporter.note(note)
-        return Trainer(setup, reporter).fit()
+        return Trainer(setup, reporter, group=group).fit()
 
 
 def check(config: dict[str, Any] | None = None, *, resume: str | Path | None = None, registry: Any = None) -> Setup:
@@ -344,6 +355,17 @@ def _threads(cfg: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
         torch.set_num_threads(previous)
 
 
+def _world_size() -> int:
+    """The number of processes torchrun started (1 for a plain run, which imports nothing more)."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return 1
+    from .distributed import world_size_from_environment
+
+    return world_size_from_environment()
+
+
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The run's config with the allowed changes from `overrides` (a partial config)."""
     cfg = run_mod.read_config(run_dir)
@@ -362,7 +384,8 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None) -> dict
 class Trainer:
     """Runs the epochs of a prepared `Setup`, writing the run directory as it goes."""
 
-    def __init__(self, setup: Setup, reporter: Reporter | None = None, run: run_mod.RunDir | None = None):
+    def __init__(self, setup: Setup, reporter: Reporter | None = None, run: run_mod.RunDir | None = None,
+                 group: Any = None):
         self.setup = setup
         self.reporter = reporter or SilentReporter()
         # The run directory, holding its lock: given (a resume that locked it before building),
@@ -384,6 +407,10 @@ class Trainer:
         self._pending_best: bytes | None = None
         self._last_write = time.perf_counter()
         self._written_epoch = 0  # the epoch of checkpoints/last on disk
+        # Several processes (elbokit.distributed.ProcessGroup): the DDP-wrapped step, and process
+        # 0 alone writes the run directory. None in a plain run.
+        self.group = group
+        self.step_module = group.prepare(self.model, self.objective, cfg["seed"]) if group is not None else None
 
     def _lr_schedulers(self) -> tuple[Any, Any, int]:
         """The learning-rate schedule of train.lr_schedule and train.lr_warmup_steps, from
@@ -432,8 +459,10 @@ class Trainer:
         """The new run directory, complete (config, run.json, data record, the initial state as
         checkpoints/last at epoch 0) and locked, or absent: see `RunDir.create`."""
         s = self.setup
+        world_size = self.group.world_size if self.group is not None else 1
         return run_mod.RunDir.create(s.run_dir, config=s.config, dataset=s.dataset, indices=s.indices,
-                                     standardizer=s.standardizer, metadata={**run_mod.run_metadata(s, threads_from=s.threads_from),
+                                     standardizer=s.standardizer,
+                                     metadata={**run_mod.run_metadata(s, threads_from=s.threads_from, world_size=world_size),
                                                "name": s.config["output"]["name"], "tags": s.config["output"]["tags"]},
                                      checkpoint=self.checkpoint_bytes())
 
@@ -455,9 +484,12 @@ class Trainer:
     def checkpoint_bytes(self, progress: dict[str, Any] | None = None) -> bytes:
         """The checkpoint of the current state as a safetensors file's bytes (see `save`)."""
         state, extra = self._checkpoint_state(), None
+        if self.group is not None:
+            state["world_size"] = self.group.world_size
+            extra = dict(self.group.rng_states)
         if progress is not None:
             state["partial_epoch"] = {"steps_done": progress["steps_done"], "terms": list(progress["term_sums"])}
-            extra = {"partial.perm": progress["perm"], "partial.loss_sum": progress["loss_sum"],
+            extra = {**(extra or {}), "partial.perm": progress["perm"], "partial.loss_sum": progress["loss_sum"],
                      "partial.first_bad": progress["first_bad"],
                      **{f"partial.terms.{k}": v for k, v in progress["term_sums"].items()}}
         return run_mod.checkpoint_bytes(model=self.model, objective=self.objective, optimizer=self.optimizer,
@@ -484,14 +516,51 @@ class Trainer:
                 scheduler.load_state_dict(meta["lr_schedulers"][name])
         self._set_base_lr(self.setup.config["train"]["lr"])  # --lr may change on resume
         run_mod.set_rng_state(tensors, meta["rng"], self.data_order)
+        note = None
+        if self.group is not None:
+            note = self.group.restore_rng_states(tensors, meta.get("world_size", 1))
+        elif meta.get("world_size", 1) > 1:
+            note = (f"resumed on 1 process from a checkpoint written by {meta['world_size']}: the global batch and "
+                    "the objective are the same, the codes' random noise is not (the run is not bit-exact).")
+        if note:
+            self.setup.notes.append(note)
+            self.reporter.note(note)
         for key in self.state:
             self.state[key] = meta[key]
         self._written_epoch = self.state["epoch"]
         partial = meta.get("partial_epoch")
         if partial:
+            own = lambda t: t  # noqa: E731 - a one-process checkpoint holds one running sum
+            if tensors["partial.loss_sum"].ndim:  # one per process (see elbokit.distributed.stack_sums)
+                from .distributed import own_running_sum
+
+                own = lambda t: own_running_sum(t, self.group)  # noqa: E731
             self.partial = {"steps_done": partial["steps_done"], "perm": tensors["partial.perm"],
-                            "loss_sum": tensors["partial.loss_sum"], "first_bad": tensors["partial.first_bad"],
-                            "term_sums": {k: tensors[f"partial.terms.{k}"] for k in partial["terms"]}}
+                            "loss_sum": own(tensors["partial.loss_sum"]), "first_bad": tensors["partial.first_bad"],
+                            "term_sums": {k: own(tensors[f"partial.terms.{k}"]) for k in partial["terms"]}}
+
+    def _stop_requested(self) -> bool:
+        """A stop was asked (SIGINT/SIGTERM); with several processes, asked of any of them."""
+        if self.group is not None:
+            self.stop_signal = self.group.agree_to_stop(self.stop_signal)
+        return self.stop_signal is not None
+
+    def _agreed(self, action: Any) -> Any:
+        """`action()`, and with several processes the agreement that it worked everywhere: if it
+        failed on any process, every process stops (with its own error, or the first one's)."""
+        if self.group is None:
+            return action()
+        try:
+            result, error = action(), None
+        except BaseException as exc:
+            result, error = None, exc
+        messages = self.group.gather_errors(None if error is None else (str(error) or type(error).__name__))
+        if error is not None:
+            raise error
+        first = next((m for m in messages if m), None)
+        if first is not None:
+            raise ElbokitError(first)
+        return result
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -507,9 +576,12 @@ class Trainer:
             return
 
         def request_stop(signum: int, frame: Any) -> None:
-            if self.stop_signal is not None:
+            if self.stop_signal is not None and self.group is None:
                 raise KeyboardInterrupt
-            self.stop_signal = signum
+            # With several processes a second signal is the launcher passing the first one on
+            # (torchrun, SLURM signal every process): the agreed stop proceeds; the launcher
+            # kills a process that does not stop within its shutdown timeout.
+            self.stop_signal = self.stop_signal or signum
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -526,28 +598,49 @@ class Trainer:
             summary = run_mod.RunDir(s.run_dir).read_summary()
             if summary is not None:  # finished: nothing to do, nothing written
                 return {**summary, "already_complete": True}
+        writer = self.group is None or self.group.is_writer
         if s.resume_from is not None:
-            if self.run is None:
-                self.run = run_mod.RunDir.open(s.run_dir)
-            try:
-                self._restore(s.resume_from)
-                self.run.read_metrics()  # a damaged metrics.jsonl is refused before anything is written
-                self.run.begin_writing()
-                if s.resume_action == "extend":
-                    self.state["bad_epochs"] = 0  # a larger budget: patience counts again from here
-                self.run.truncate_metrics(self.state["epoch"])
-                self.run.write_config(s.config)  # records a changed max_epochs, lr, ...
-            except OSError as exc:
-                self.run.close()
-                raise RunWriteFailed(s.run_dir, self._written_epoch, exc) from None
-            except BaseException:
-                self.run.close()
-                raise
+            def open_and_restore() -> Any:
+                if not writer:  # process 0 alone holds the lock and writes
+                    from .distributed import NoWrites
+
+                    self._restore(s.resume_from)
+                    if s.resume_action == "extend":
+                        self.state["bad_epochs"] = 0
+                    return NoWrites()
+                run = self.run if self.run is not None else run_mod.RunDir.open(s.run_dir)
+                try:
+                    self._restore(s.resume_from)
+                    run.read_metrics()  # a damaged metrics.jsonl is refused before anything is written
+                    run.begin_writing()
+                    if s.resume_action == "extend":
+                        self.state["bad_epochs"] = 0  # a larger budget: patience counts again from here
+                    run.truncate_metrics(self.state["epoch"])
+                    run.write_config(s.config)  # records a changed max_epochs, lr, ...
+                except OSError as exc:
+                    run.close()
+                    raise RunWriteFailed(s.run_dir, self._written_epoch, exc) from None
+                except BaseException:
+                    run.close()
+                    raise
+                return run
+
+            self.run = self._agreed(open_and_restore)
         else:
-            try:
-                self.run = self._create_run_dir()
-            except OSError as exc:
-                raise RunWriteFailed(s.run_dir, None, exc) from None
+            if self.group is not None:
+                self.group.gather_rng_states()  # for the initial checkpoint
+
+            def create() -> Any:
+                if not writer:
+                    from .distributed import NoWrites
+
+                    return NoWrites()
+                try:
+                    return self._create_run_dir()
+                except OSError as exc:
+                    raise RunWriteFailed(s.run_dir, None, exc) from None
+
+            self.run = self._agreed(create)
         try:
             return self._fit()
         except OSError as exc:
@@ -557,7 +650,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         s, cfg = self.setup, self.setup.config["train"]
-        if s.config["output"]["tensorboard"]:
+        if s.config["output"]["tensorboard"] and (self.group is None or self.group.is_writer):
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(s.run_dir / "tensorboard"))
@@ -570,7 +663,7 @@ class Trainer:
         try:
             with self._stop_on_signals():
                 while self.state["epoch"] < cfg["max_epochs"] and self.state["bad_epochs"] < cfg["patience"]:
-                    if self.stop_signal is not None:
+                    if self._stop_requested():
                         raise TrainingInterrupted(s.run_dir, self.state["epoch"], 0, self.stop_signal)
                     t0 = time.perf_counter()
                     steps_before = self.partial["steps_done"] if self.partial else 0
@@ -581,6 +674,8 @@ class Trainer:
                         if self._pending_best is not None:
                             self._write_checkpoints()  # the complete epochs first, then the partial one
                         self.save("last", progress=stop.progress)
+                        if self.group is not None:
+                            self.group.barrier()  # no process exits (and is reported failed) before it is saved
                         raise TrainingInterrupted(s.run_dir, self.state["epoch"], stop.progress["steps_done"],
                                                   self.stop_signal) from None
                     steps_this_process += steps_per_epoch - steps_before
@@ -603,6 +698,8 @@ class Trainer:
             # reached since (it was serialised when it was reached, from a finite model).
             if self._pending_best is not None:
                 self.run.write_checkpoint("best", self._pending_best)
+            if self.group is not None:
+                self.group.barrier()
             raise
         except KeyboardInterrupt:
             raise TrainingInterrupted(s.run_dir, self.state["epoch"]) from None
@@ -638,17 +735,29 @@ class Trainer:
         epoch = self.state["epoch"] + 1
         last_terms: dict[str, torch.Tensor] | None = None
         for i in range(start, steps):
-            if self.stop_signal is not None:
+            if self._stop_requested():
+                if self.group is not None:
+                    first_bad = self.group.reduce_epoch(loss_sum, term_sums, first_bad, len(names))[2]
                 self._check_finite(epoch, first_bad, i - 1, last_terms)  # never save a diverged state
+                if self.group is not None:
+                    self.group.gather_rng_states()
+                    # Every process's own running sums, so that resuming adds them up as before.
+                    loss_sum, term_sums = self.group.stack_sums(loss_sum, term_sums)
                 raise _StopRequested({"steps_done": i, "perm": perm, "loss_sum": loss_sum,
                                       "term_sums": term_sums, "first_bad": first_bad})
             idx = perm[i * batch_size:(i + 1) * batch_size]
             try:
-                batch = self.model(x[idx], None if x_pos is None else x_pos[idx], dataset_size=dataset_size)
-                out = self.objective(batch)
+                if self.step_module is not None:  # this process's rows of the global batch, through DDP
+                    idx = self.group.shard(idx)
+                    out = self.step_module(x[idx], None if x_pos is None else x_pos[idx], dataset_size)
+                else:
+                    batch = self.model(x[idx], None if x_pos is None else x_pos[idx], dataset_size=dataset_size)
+                    out = self.objective(batch)
             except ValueError:
                 # torch.distributions refuses NaN/Inf parameters: the update of the previous
                 # step made the model non-finite. Anything else is a bug and is raised as is.
+                if self.group is not None:
+                    loss_sum, term_sums, first_bad = self.group.reduce_epoch(loss_sum, term_sums, first_bad, len(names))
                 self._check_finite(epoch, first_bad, i - 1, last_terms)
                 raise
             self.optimizer.zero_grad(set_to_none=True)
@@ -670,10 +779,17 @@ class Trainer:
             last_terms = out.terms
             self.reporter.step()
             crash_point("step", "train")
+        if self.group is not None:
+            loss_sum, term_sums, first_bad = self.group.reduce_epoch(loss_sum, term_sums, first_bad, len(names))
         self._check_finite(epoch, first_bad, steps - 1, last_terms)
         self.state["epoch"] = epoch
         self.state["step"] += steps
-        val = validation_metrics(s, s.splits["val"], cfg["val_seed"])
+        if self.group is not None:
+            with self.group.local_objective(self.objective):  # every process, the whole split
+                val = validation_metrics(s, s.splits["val"], cfg["val_seed"])
+            self.group.gather_rng_states()
+        else:
+            val = validation_metrics(s, s.splits["val"], cfg["val_seed"])
         value = val[self.select_metric]
         best = self.state["best_value"]
         improved = best is None or value < best
@@ -757,10 +873,11 @@ class Trainer:
             "threads": torch.get_num_threads(), "threads_from": s.threads_from,
             "versions": run_mod.run_metadata(s)["versions"],
             "likelihood": {"name": s.likelihood.name, "units": s.likelihood.units},
+            "world_size": self.group.world_size if self.group is not None else 1,
         }
         if s.notes:
             summary["notes"] = list(s.notes)
-        test = self._evaluate_test()
+        test = self._evaluate_test() if self.group is None or self.group.is_writer else None
         if test is not None:
             summary["test"] = test
         self.run.write_summary(summary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -58,6 +59,16 @@ class RichReporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """How to resume; under torchrun, with the same number of processes (exact only then)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world == 1:
+        return RESUME_HINT.format(run_dir=run_dir)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    where = "" if local == world else f" on each of the {world // local} machines"
+    return f"torchrun --nproc-per-node {local} -m elbokit train --resume {run_dir}{where}"
 
 
 def _set(overrides: dict[str, Any], section: str, key: str, value: Any) -> None:
@@ -234,6 +245,9 @@ def train(
 
     if not log_seconds >= 0:
         raise ElbokitError(f"--log-seconds must be a non-negative number of seconds, got {log_seconds}.")
+    # Started by torchrun: process 0 alone reports (every process still exits with the same code).
+    follower = int(os.environ.get("RANK", "0") or 0) > 0
+    quiet = quiet or follower
     if quiet:
         reporter = SilentReporter()
     elif sys.stderr.isatty():
@@ -250,8 +264,9 @@ def train(
             saved = f"saved after epoch {exc.epoch}"
         else:
             saved = "saved before its first epoch"
-        print(f"Interrupted: the run is {saved} in {exc.run_dir}; resume with: "
-              + RESUME_HINT.format(run_dir=exc.run_dir), file=sys.stderr)
+        if not follower:
+            print(f"Interrupted: the run is {saved} in {exc.run_dir}; resume with: "
+                  + _resume_hint(exc.run_dir), file=sys.stderr)
         raise typer.Exit(128 + exc.signum if exc.signum else EXIT_INTERRUPTED) from None
     except TrainingDiverged as exc:
         reporter.stop()
@@ -262,6 +277,8 @@ def train(
     except BaseException:
         reporter.stop()
         raise
+    if follower:
+        return
     if summary.get("already_complete"):
         summary.pop("already_complete")
         if json_output:

@@ -41,6 +41,7 @@ class AnalyticKL(Estimator):
     """Closed-form KL(q(z|x) || p(z)) by torch.distributions.kl_divergence, resolved to the base distributions."""
 
     quantity, name, kind = "kl", "analytic", "exact"
+    scope = "example"
 
     def check_prior(self, prior: Prior) -> str | None:
         if not prior.has_log_prob:
@@ -59,6 +60,7 @@ class MonteCarloKL(Estimator):
     """Monte-Carlo KL: log q(z|x) - log p(z) at the batch's sample z (unbiased)."""
 
     quantity, name = "kl", "mc"
+    scope = "example"
     needs = frozenset({"prior_log_prob"})
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
@@ -69,6 +71,7 @@ class AutoKL(Estimator):
     """Analytic KL where torch has a rule for the pair down to the base distributions, else Monte Carlo."""
 
     quantity, name = "kl", "auto"
+    scope = "example"
     needs = frozenset({"prior_log_prob"})
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
@@ -96,6 +99,7 @@ class EntropyMWS(Estimator):
     """Minibatch weighted sampling: log q^(z_i) = logsumexp_j log q(z_i|x_j) - log(N M)."""
 
     quantity, name = "entropy", "mws"
+    scope = "batch"
     needs = frozenset({"dataset_size"})
 
     def __init__(self, chunk: int = 256):
@@ -119,6 +123,7 @@ class EntropyMSS(Estimator):
     """Minibatch stratified sampling: log q^(z_i) = logsumexp_j (log w_ij + log q(z_i|x_j))."""
 
     quantity, name = "entropy", "mss"
+    scope = "batch"
     needs = frozenset({"dataset_size"})
 
     def __init__(self, chunk: int = 256):
@@ -145,6 +150,7 @@ class EntropyGaussian(Estimator):
     """
 
     quantity, name, kind = "entropy", "gaussian", "estimate"
+    scope = "batch"
 
     def __init__(self, jitter: float = 1e-6):
         super().__init__()
@@ -164,6 +170,7 @@ class ConditionalEntropyLogvar(Estimator):
     """The paper's 0.5*sum(1 + log 2pi + log s^2): the CONDITIONAL entropy E_x H[q(z|x)], not H[q(z)]."""
 
     quantity, name, kind = "entropy", "logvar", "estimate"
+    scope = "example"
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         scale = batch.posterior_scale
@@ -174,6 +181,7 @@ class EntropyKNN(Estimator):
     """Kozachenko-Leonenko k-nearest-neighbour entropy of the batch's z; needs no density."""
 
     quantity, name = "entropy", "knn"
+    scope = "batch"
 
     def __init__(self, k: int = 3):
         super().__init__()
@@ -205,6 +213,7 @@ class CrossEntropyAnalytic(Estimator):
     """Closed form E_q(z|x)[-log p(z)] per example (standard-normal, any prior with a closed-form KL; not gmm or samples)."""
 
     quantity, name, kind = "cross_entropy", "analytic", "exact"
+    scope = "example"
 
     def check_prior(self, prior: Prior) -> str | None:
         if not has_analytic_kl(prior):
@@ -225,6 +234,7 @@ class CrossEntropyMC(Estimator):
     """Monte Carlo: -log p(z_i) at the batch's codes."""
 
     quantity, name = "cross_entropy", "mc"
+    scope = "example"
     needs = frozenset({"prior_log_prob"})
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
@@ -244,6 +254,7 @@ class CrossEntropyKNN(Estimator):
     """k-NN cross-entropy to prior samples: psi(Mp) - psi(k) + log c_d + d log rho_k(z_i); biased (docs/design.md)."""
 
     quantity, name = "cross_entropy", "knn"
+    scope = "batch"
     needs = frozenset({"prior_samples"})
 
     def __init__(self, k: int = 3, n_prior: int = 2048):
@@ -272,6 +283,7 @@ class CrossEntropyAuto(Estimator):
     """analytic where there is a closed form (standard-normal), else mc for priors with log_prob, else knn."""
 
     quantity, name = "cross_entropy", "auto"
+    scope = "batch"  # its knn fallback is; analytic and mc are per-example
 
     def __init__(self, k: int = 3, n_prior: int = 2048):
         super().__init__()
@@ -306,6 +318,7 @@ class InfoNCE(Estimator):
     """
 
     quantity, name, kind = "mi", "infonce", "lower bound"
+    scope = "batch"
     needs = frozenset({"positives"})  # of the default critic; `encoder` needs none
 
     def __init__(self, critic: str = "cosine", temperature: float = 0.1, chunk: int = 256):
@@ -351,6 +364,7 @@ class MutualInformationMWS(Estimator):
     """
 
     quantity, name = "mi", "mws"
+    scope = "batch"
     needs = frozenset({"dataset_size"})
 
     def __init__(self, chunk: int = 256):

@@ -26,6 +26,7 @@ class Reconstruction(ElboTerm):
 
     name = "recon"
     needs = frozenset({"x_recon"})
+    scope = "example"
 
     def __init__(self, likelihood: str = "mse", data_dim: Any = None, levels: int | None = None,
                  low: float | None = None, high: float | None = None):
@@ -93,6 +94,10 @@ class MarginalKL(ElboTerm):
 
     def check_prior(self, prior: Prior) -> str | None:
         return self.entropy.check_prior(prior) or self.cross_entropy.check_prior(prior)
+
+    def batch_scope(self) -> str | None:
+        scopes = {self.entropy.scope, self.cross_entropy.scope}
+        return None if None in scopes else ("batch" if "batch" in scopes else "example")
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         return self.cross_entropy(batch, prior) - self.entropy(batch, prior)

@@ -80,6 +80,7 @@ class MMD(ElboTerm):
 
     name = "mmd"
     needs = frozenset({"prior_samples"})
+    scope = "batch"  # contribution i compares z_i with the other codes of the batch
 
     def __init__(self, kernel: str = "rbf", bandwidth: float | None = None, n_prior: int | None = None):
         super().__init__()
