@@ -641,7 +641,8 @@ def estimate_seconds(cells: list[Cell], grid: GridDir, jobs: int) -> dict[str, A
         n = cfg["data"]["n"] or 10000
         n_train = max(1, int(n * cfg["data"]["split"][0]))
         steps = cfg["train"]["max_epochs"] * max(1, n_train // min(cfg["train"]["batch_size"], n_train))
-        size = sum(cfg["model"]["hidden"]) / 800 * min(cfg["train"]["batch_size"], n_train) / 512
+        hidden = (cfg["model"].get("options") or {}).get("hidden") or [400, 400]  # non-mlp models: the mlp's size
+        size = sum(hidden) / 800 * min(cfg["train"]["batch_size"], n_train) / 512
         rate = statistics.median(measured) if measured else STEPS_PER_SECOND / max(size, 0.05)
         total += steps / rate + EVAL_SECONDS
     return {"cells_to_run": todo, "upper_bound_seconds": round(total / max(1, jobs), 1),

@@ -14,7 +14,7 @@ from ..errors import ElbokitError
 # (the gmm prior's default is 3 components fitted to 10000 draws of the generator's latents).
 PAPER_SETTINGS: dict[str, Any] = {
     "data": {"n": 10000, "data_dim": 20, "noise_std": 0.5, "radius": 0.1, "split": [0.8, 0.1, 0.1]},
-    "model": {"latent_dim": 5, "hidden": [400, 400]},
+    "model": {"latent_dim": 5, "name": "mlp", "options": {"hidden": [400, 400]}},
     "train": {"lr": 0.001, "batch_size": 512, "max_epochs": 1000, "patience": 20, "select": "elbo", "threads": 1},
 }
 
