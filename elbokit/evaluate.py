@@ -36,7 +36,7 @@ from torch import distributions as D
 
 from .errors import ElbokitError
 from .metrics import EVALUATION, range_notes
-from .ops import log_unit_ball_volume, logsumexp_gaussian_mixture
+from .ops import kth_neighbour_distance, log_unit_ball_volume, logsumexp_gaussian_mixture
 
 DEFAULT_IW_SAMPLES = 1000
 """K for `elbokit evaluate` and for the end-of-training call: about 2.5 s for 1000 points with
@@ -244,8 +244,8 @@ def knn_cross_entropy_terms(z: torch.Tensor, prior_samples: torch.Tensor, k: int
     m, d = prior_samples.shape
     if m <= k:
         raise ElbokitError(f"The k-NN cross-entropy needs more than k={k} prior samples.")
-    rho = torch.cat([torch.cdist(z[i:i + chunk], prior_samples).topk(k, dim=1, largest=False).values[:, -1]
-                     for i in range(0, z.shape[0], chunk)])
+    # Full precision away from the origin, memory linear in the number of points (elbokit.ops).
+    rho = kth_neighbour_distance(z, prior_samples, k)
     const = float(torch.special.digamma(torch.tensor(float(m))) - torch.special.digamma(torch.tensor(float(k))))
     return const + log_unit_ball_volume(d) + d * rho.clamp_min(1e-12).log()
 
@@ -276,7 +276,8 @@ def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, prior: Any
         z = loc64 + scale64 * torch.randn(S, n, latent, dtype=torch.float64, device=loc.device)  # (S, N, L)
         prior_samples = None
         if not getattr(prior, "has_log_prob", True):
-            prior_samples = prior.sample(int(n_prior_samples)).double()
+            # Distinct points (a bank prior gives min(n, bank) rows, never duplicates).
+            prior_samples = prior.reference_sample(int(n_prior_samples)).double()
     flat = z.reshape(S * n, latent)
     log_cond = D.Normal(loc64, scale64).log_prob(z).sum(-1)  # (S, N): log q(z_ns | x_n)
     rows = max(1, SURGERY_BLOCK // n)
@@ -289,7 +290,7 @@ def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, prior: Any
     log_agg = (log_agg - math.log(n)).reshape(S, n)
     if prior_samples is not None:
         xent = knn_cross_entropy_terms(flat, prior_samples).reshape(S, n)
-        kl_mc, xent_kind = None, f"knn (k={KNN_K}, {int(n_prior_samples)} prior samples)"
+        kl_mc, xent_kind = None, f"knn (k={KNN_K}, {prior_samples.shape[0]} prior samples)"
     else:
         log_p = prior.log_prob(flat.to(loc.dtype)).double().reshape(S, n)
         xent, kl_mc, xent_kind = -log_p, (log_cond - log_p).mean(0), "mc"

@@ -74,6 +74,20 @@ class Prior(nn.Module):
             raise NotImplementedError(f"Prior '{self.name}' has no rsample.")
         return dist.rsample((n,))
 
+    @property
+    def distinct_samples(self) -> int | None:
+        """How many distinct points `reference_sample` can return: None (the default) for a
+        continuous prior, the bank size for a prior that draws from a finite bank."""
+        return None
+
+    def reference_sample(self, n: int) -> torch.Tensor:
+        """Up to n samples, all distinct points, as the reference set of a sample-based
+        estimator (the k-NN cross-entropy): `sample(n)` by default. A prior that draws from a
+        finite bank returns n distinct bank rows, or the whole bank when it holds fewer; the
+        estimator then uses the number of rows it got (duplicates would sit at distance zero
+        and bias a k-NN estimate low)."""
+        return self.sample(n)
+
     def attach(self, model: Any) -> None:
         """Called once with the model before training; priors that depend on the encoder
         (such as a VampPrior) keep a reference here. The default does nothing."""

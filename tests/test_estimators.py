@@ -15,7 +15,8 @@ import torch
 from torch import distributions as D
 
 from elbokit.batch import Batch, gaussian_posterior
-from elbokit.errors import ElbokitError, UnknownNameError
+from elbokit.errors import ElbokitError, IncompatibleError, UnknownNameError
+from elbokit.objective import build_objective
 from elbokit.ops import LOG_2PI, log_unit_ball_volume, logsumexp_gaussian_mixture, pairwise_gaussian_log_density
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -251,6 +252,65 @@ def test_entropy_knn_matches_closed_form(fresh_registry):
     assert abs(values.mean().item() - H_AGGREGATE) <= 6 * se + 0.02
 
 
+@pytest.mark.parametrize("offset", [0.0, 10.0, 100.0])
+def test_entropy_knn_keeps_full_precision_away_from_the_origin(fresh_registry, offset):
+    # N(c, 0.01^2 I_3), M = 2048: H = 1.5 log(2 pi e 1e-4) = -9.559 wherever c is. float32 cdist
+    # (its matrix-product path) gave -65.6 at c = 10. Tolerance 0.05 nats: about 3.5 standard
+    # errors of the mean of the kNN terms (sd ~0.63 each) plus the estimator's small bias.
+    truth = 1.5 * math.log(2 * math.pi * math.e * 1e-4)
+    z = 0.01 * torch.randn(2048, 3, generator=torch.Generator().manual_seed(30)) + offset
+    batch = Batch(x=z, posterior=gaussian_posterior(z, torch.ones_like(z)), z=z)
+    h = est(fresh_registry, "entropy", "knn", k=3)(batch, None).mean().item()
+    assert abs(h - truth) <= 0.05
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0, 100.0])
+def test_cross_entropy_knn_keeps_full_precision_away_from_the_origin(fresh_registry, offset):
+    # q = p = N(c, 0.01^2 I_3): H[q, p] = H[p] = -9.559. The bank is the prior's own samples
+    # (without replacement, so the estimate is the kNN cross-entropy at M_p = 4096 reference points).
+    truth = 1.5 * math.log(2 * math.pi * math.e * 1e-4)
+    g = torch.Generator().manual_seed(31)
+    bank = 0.01 * torch.randn(4096, 3, generator=g) + offset
+    z = 0.01 * torch.randn(2048, 3, generator=g) + offset
+    prior = fresh_registry.prior("samples")(samples=bank)
+    batch = Batch(x=z, posterior=gaussian_posterior(z, torch.ones_like(z)), z=z)
+    torch.manual_seed(33)
+    values = est(fresh_registry, "cross_entropy", "knn", k=3, n_prior=4096)(batch, prior)
+    assert abs(values.mean().item() - truth) <= 0.05
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("block_pairs", [1, 700, 1 << 20])
+def test_kth_neighbour_distance_equals_float64_cdist_with_gradients(exclude_self, block_pairs):
+    # Blocks of 1 row, of a few rows (700 pairs / 97 columns = 7 rows, a remainder) and whole:
+    # the same neighbours and the same gradients as the dense float64 computation.
+    from elbokit.ops import kth_neighbour_distance
+
+    g = torch.Generator().manual_seed(32)
+    ref = torch.randn(97, 4, generator=g, dtype=torch.float64)
+    query = ref.clone() if exclude_self else torch.randn(61, 4, generator=g, dtype=torch.float64)
+
+    def dense(q, r):
+        d = torch.cdist(q, r)
+        if exclude_self:
+            d = d + torch.diag(torch.full((q.shape[0],), math.inf, dtype=d.dtype))
+        return d.topk(3, dim=1, largest=False).values[:, -1]
+
+    cot = torch.randn(query.shape[0], generator=g, dtype=torch.float64)
+    results = []
+    for fn in (dense, lambda q, r: kth_neighbour_distance(q, r, 3, exclude_self=exclude_self, block_pairs=block_pairs)):
+        q = query.clone().requires_grad_()
+        r = q if exclude_self else ref.clone().requires_grad_()
+        out = fn(q, r)
+        (out * cot).sum().backward()
+        results.append((out.detach(), q.grad, None if exclude_self else r.grad))
+    (a, ga, ra), (b, gb, rb) = results
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-12)
+    if rb is not None:
+        torch.testing.assert_close(rb, ra, rtol=1e-10, atol=1e-12)
+
+
 def test_entropy_knn_is_differentiable(fresh_registry):
     batch = aggregate_batch(200, 3, 0.5, seed=14)
     z = batch.z.clone().requires_grad_()
@@ -346,22 +406,51 @@ def test_pairwise_entropies_need_the_dataset_size(fresh_registry, name):
 
 
 # ------------------------------------------------------------------------- cross-entropy
-def test_cross_entropy_analytic_equals_mc_for_standard_normal(fresh_registry):
-    prior = fresh_registry.prior("standard-normal")(dim=4)
-    batch = aggregate_batch(100, 4, 0.7, seed=20)
+def test_cross_entropy_analytic_is_the_closed_form_and_mc_has_its_expectation(fresh_registry):
+    # E_q(z|x)[-log N(z; 0, I)] = 0.5 (L log 2pi + ||mu||^2 + sum sigma^2), per example, shape (B,),
+    # whatever z was drawn; mc (-log p(z) at the sample) has that expectation: over 20000 draws per
+    # posterior its mean is within 4.5 standard errors of the closed form.
+    prior = fresh_registry.prior("standard-normal")(dim=3)
+    loc = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [-0.3, 0.2, 3.0]], dtype=torch.float64)
+    scale = torch.tensor([[1.0, 1.0, 1.0], [0.5, 2.0, 0.1], [1.5, 0.3, 0.8]], dtype=torch.float64)
+    n_samples = 20000
+    batch = _repeated_posterior_batch(loc, scale, n_samples, seed=20)
     analytic = est(fresh_registry, "cross_entropy", "analytic")(batch, prior)
-    mc = est(fresh_registry, "cross_entropy", "mc")(batch, prior)
-    torch.testing.assert_close(analytic, mc, rtol=1e-6, atol=1e-5)
+    assert analytic.shape == (3 * n_samples,)
+    closed = 0.5 * (3 * LOG_2PI + loc.pow(2).sum(-1) + scale.pow(2).sum(-1))
+    torch.testing.assert_close(analytic.view(n_samples, 3), closed.expand(n_samples, 3), rtol=1e-12, atol=1e-12)
+    draws = est(fresh_registry, "cross_entropy", "mc")(batch, prior).view(n_samples, 3)
+    se = draws.std(0) / math.sqrt(n_samples)
+    assert ((draws.mean(0) - closed).abs() <= 4.5 * se).all()
+    # auto uses the closed form for the standard normal (zero Monte-Carlo variance)...
     torch.testing.assert_close(est(fresh_registry, "cross_entropy", "auto")(batch, prior), analytic)
-    # Its batch mean estimates H[q(z), N(0, I)] = L/2 (log 2 pi + 1 + s^2).
+    # ...and mc for a prior without one.
+    gmm = _make_priors(fresh_registry, 3)["gmm"]
+    small = _repeated_posterior_batch(loc.float(), scale.float(), 4, seed=21)
+    torch.testing.assert_close(est(fresh_registry, "cross_entropy", "auto")(small, gmm),
+                               est(fresh_registry, "cross_entropy", "mc")(small, gmm))
+
+
+def test_cross_entropy_analytic_batch_mean_estimates_the_aggregate_cross_entropy(fresh_registry):
+    # Running example q(z) = N(0, (1 + s^2) I): H[q(z), N(0, I)] = L/2 (log 2pi + 1 + s^2). The
+    # per-example closed form varies only through mu = x ~ N(0, I): 4 SE of the batch mean.
+    prior = fresh_registry.prior("standard-normal")(dim=4)
+    batch = aggregate_batch(4000, 4, 0.7, seed=20)
+    analytic = est(fresh_registry, "cross_entropy", "analytic")(batch, prior)
     truth = 0.5 * 4 * (LOG_2PI + 1 + 0.49)
-    assert abs(analytic.mean().item() - truth) <= 4 * analytic.std().item() / 10
+    assert abs(analytic.mean().item() - truth) <= 4 * analytic.std().item() / math.sqrt(4000)
 
 
-def test_cross_entropy_analytic_refuses_other_priors(fresh_registry):
-    gmm = _make_priors(fresh_registry, 2)["gmm"]
-    reason = est(fresh_registry, "cross_entropy", "analytic").check_prior(gmm)
-    assert reason and "mc" in reason
+def test_cross_entropy_analytic_refuses_priors_without_a_closed_form(fresh_registry):
+    priors = _make_priors(fresh_registry, 2)
+    analytic = est(fresh_registry, "cross_entropy", "analytic")
+    assert analytic.check_prior(priors["standard-normal"]) is None
+    reason = analytic.check_prior(priors["gmm"])
+    assert reason and "no closed-form cross-entropy" in reason and "xent.estimator=mc or knn" in reason
+    assert "xent.estimator=knn" in analytic.check_prior(priors["samples"])
+    with pytest.raises(IncompatibleError, match="no closed-form cross-entropy"):
+        build_objective("recon,xent", priors["gmm"], options={"xent": {"estimator": "analytic"}},
+                        registry=fresh_registry)
 
 
 def _two_gaussian_cross_entropy(m1, s1, m2, s2) -> float:

@@ -1,4 +1,4 @@
-"""Priors (DESIGN.md section 4): the `gmm` prior against scikit-learn, BIC, gradients, samples."""
+"""Priors (docs/design.md, "Priors"): the `gmm` prior against scikit-learn, BIC, gradients, samples."""
 
 from __future__ import annotations
 
@@ -168,3 +168,51 @@ def test_samples_prior_is_sample_only(fresh_registry):
     assert drawn.shape == (100, 2)
     # Every draw is a row of the bank.
     assert (torch.cdist(drawn, bank).min(1).values == 0).all()
+
+
+# -------------------------------------------- the samples prior draws without replacement
+def test_samples_prior_draws_without_replacement(fresh_registry):
+    bank = torch.arange(40, dtype=torch.float32).view(20, 2)
+    prior = fresh_registry.prior("samples")(samples=bank)
+    torch.manual_seed(0)
+    rows = prior.sample(20)[:, 0].long() // 2
+    assert sorted(rows.tolist()) == list(range(20))  # every row once: a permutation of the bank
+    few = prior.sample(7)[:, 0].long() // 2
+    assert len(set(few.tolist())) == 7
+    # More than the bank: whole passes, each row 2 or 3 times for 45 draws from 20.
+    counts = torch.bincount(prior.sample(45)[:, 0].long() // 2, minlength=20)
+    assert counts.sum() == 45 and counts.min() >= 2 and counts.max() <= 3
+    # The reference set of a sample-based estimator: distinct rows, the whole bank when it is smaller.
+    assert prior.distinct_samples == 20
+    ref = prior.reference_sample(1000)
+    assert ref.shape == (20, 2) and sorted((ref[:, 0].long() // 2).tolist()) == list(range(20))
+    assert prior.reference_sample(5).shape == (5, 2)
+
+
+def test_knn_cross_entropy_uses_the_whole_small_bank_at_its_real_size(fresh_registry):
+    # n_prior = 2048 > a bank of 300: the estimate is the k-NN cross-entropy against the 300 bank
+    # points, with psi(300), computed here by hand in float64.
+    from elbokit.batch import Batch, gaussian_posterior
+    from elbokit.ops import log_unit_ball_volume
+
+    g = torch.Generator().manual_seed(1)
+    bank, z = torch.randn(300, 3, generator=g), torch.randn(500, 3, generator=g)
+    prior = fresh_registry.prior("samples")(samples=bank)
+    knn = fresh_registry.estimator("cross_entropy", "knn")(k=3, n_prior=2048)
+    value = knn(Batch(x=z, posterior=gaussian_posterior(z, torch.ones_like(z)), z=z), prior)
+    rho = torch.cdist(z.double(), bank.double()).topk(3, dim=1, largest=False).values[:, -1]
+    by_hand = (torch.special.digamma(torch.tensor(300.0, dtype=torch.float64)) - torch.special.digamma(
+        torch.tensor(3.0, dtype=torch.float64)) + log_unit_ball_volume(3) + 3 * rho.log())
+    torch.testing.assert_close(value.double(), by_hand, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("xent_estimator", ["knn", "auto"])
+def test_a_bank_not_larger_than_k_is_refused_in_one_line(fresh_registry, xent_estimator):
+    from elbokit import build_objective
+    from elbokit.errors import IncompatibleError
+
+    prior = fresh_registry.prior("samples")(samples=torch.randn(3, 2))
+    with pytest.raises(IncompatibleError, match=r"holds only 3 distinct samples.*more than k=3") as info:
+        build_objective("recon,xent", prior, options={"xent": {"estimator": xent_estimator}}, registry=fresh_registry)
+    assert "\n" not in str(info.value)
+    build_objective("recon,xent", prior, options={"xent": {"estimator": xent_estimator, "k": 2}}, registry=fresh_registry)

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from elbokit.batch import Batch
-from elbokit.errors import ElbokitError
-from elbokit.estimators import Estimator, has_analytic_kl, kl_to_prior, no_analytic_kl_sentence
+from elbokit.errors import ElbokitError, IncompatibleError
+from elbokit.estimators import Estimator, analytic_kl, has_analytic_kl, kl_to_prior, no_analytic_kl_sentence
 from elbokit.hookspecs import hookimpl
-from elbokit.ops import LOG_2PI, log_unit_ball_volume, logsumexp_gaussian_mixture, pairwise_gaussian_log_density
+from elbokit.ops import (LOG_2PI, kth_neighbour_distance, log_unit_ball_volume, logsumexp_gaussian_mixture,
+                         pairwise_gaussian_log_density)
 from elbokit.priors import Prior
 
 
@@ -161,14 +162,6 @@ class ConditionalEntropyLogvar(Estimator):
         return 0.5 * (1.0 + LOG_2PI + 2.0 * scale.log()).sum(-1)
 
 
-def _kth_distance(query: torch.Tensor, ref: torch.Tensor, k: int, exclude_self: bool) -> torch.Tensor:
-    """Distance from each query row to its k-th nearest row of `ref`, differentiable."""
-    dist = torch.cdist(query, ref)
-    if exclude_self:
-        dist = dist + torch.diag(torch.full((query.shape[0],), float("inf"), device=query.device, dtype=query.dtype))
-    return dist.topk(k, dim=1, largest=False).values[:, -1]
-
-
 class EntropyKNN(Estimator):
     """Kozachenko-Leonenko k-nearest-neighbour entropy of the batch's z; needs no density."""
 
@@ -184,26 +177,39 @@ class EntropyKNN(Estimator):
         m, d = batch.z.shape
         if m <= self.k:
             raise ElbokitError(f"The knn entropy estimator needs a batch larger than k={self.k}.")
-        rho = _kth_distance(batch.z, batch.z, self.k, exclude_self=True).clamp_min(1e-12)
+        rho = kth_neighbour_distance(batch.z, batch.z, self.k, exclude_self=True).clamp_min(1e-12)
         const = torch.special.digamma(torch.tensor(float(m))) - torch.special.digamma(torch.tensor(float(self.k)))
         return float(const) + log_unit_ball_volume(d) + d * rho.log()
 
 
 # --------------------------------------------------------------------------- H[q(z), p(z)]
-class CrossEntropyAnalytic(Estimator):
-    """Closed form for the standard normal: 0.5 * (L log 2pi + ||z||^2)."""
+def _closed_form_cross_entropy(batch: Batch, prior: Prior) -> torch.Tensor | None:
+    """E_q(z|x_i)[-log p(z)] = KL(q(z|x_i) || p) + H[q(z|x_i)] per example where torch has the KL
+    in closed form (the one decision of `elbokit.estimators.analytic_kl`), else None. For the
+    standard normal this is 0.5 * (L log 2pi + ||mu_i||^2 + sum sigma_i^2)."""
+    if not prior.has_log_prob:
+        return None
+    kl = analytic_kl(batch.posterior, prior.distribution())
+    return None if kl is None else kl + batch.posterior.entropy()
 
-    quantity, name, kind = "cross_entropy", "analytic", "estimate"
+
+class CrossEntropyAnalytic(Estimator):
+    """Closed form E_q(z|x)[-log p(z)] per example (standard-normal, any prior with a closed-form KL; not gmm or samples)."""
+
+    quantity, name, kind = "cross_entropy", "analytic", "exact"
 
     def check_prior(self, prior: Prior) -> str | None:
-        if prior.name != "standard-normal":
+        if not has_analytic_kl(prior):
             instead = "mc or knn" if prior.has_log_prob else "knn"
-            return (f"the analytic cross-entropy is for the standard-normal prior only, not '{prior.name}'; "
-                    f"use xent.estimator={instead}.")
+            return (f"no closed-form cross-entropy exists between a Gaussian posterior and prior '{prior.name}' "
+                    f"(torch has no closed-form KL for the pair); use xent.estimator={instead}.")
         return None
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
-        return 0.5 * (batch.latent_dim * LOG_2PI + batch.z.pow(2).sum(-1))
+        value = _closed_form_cross_entropy(batch, prior)
+        if value is None:
+            raise IncompatibleError(self.check_prior(prior) or "no closed-form cross-entropy for this prior.")
+        return value
 
 
 class CrossEntropyMC(Estimator):
@@ -216,8 +222,17 @@ class CrossEntropyMC(Estimator):
         return -prior.log_prob(batch.z)
 
 
+def knn_reference_refusal(prior: Prior, k: int) -> str | None:
+    """One sentence if `prior` cannot give more than k distinct reference points, else None."""
+    size = prior.distinct_samples
+    if size is not None and size <= k:
+        return (f"prior '{prior.name}' holds only {size} distinct samples, and the k-NN cross-entropy needs "
+                f"more than k={k}; give more prior samples (a few thousand keep its bias small) or lower xent.k.")
+    return None
+
+
 class CrossEntropyKNN(Estimator):
-    """k-NN cross-entropy to prior samples: psi(Mp) - psi(k) + log c_d + d log rho_k(z_i)."""
+    """k-NN cross-entropy to prior samples: psi(Mp) - psi(k) + log c_d + d log rho_k(z_i); biased (docs/design.md)."""
 
     quantity, name = "cross_entropy", "knn"
     needs = frozenset({"prior_samples"})
@@ -228,16 +243,24 @@ class CrossEntropyKNN(Estimator):
             raise ValueError(f"need k >= 1 and n_prior > k, got k={k}, n_prior={n_prior}")
         self.k, self.n_prior = int(k), int(n_prior)
 
+    def check_prior(self, prior: Prior) -> str | None:
+        return knn_reference_refusal(prior, self.k)
+
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         d = batch.latent_dim
-        ref = prior.sample(self.n_prior).to(batch.z)
-        rho = _kth_distance(batch.z, ref, self.k, exclude_self=False).clamp_min(1e-12)
-        const = torch.special.digamma(torch.tensor(float(self.n_prior))) - torch.special.digamma(torch.tensor(float(self.k)))
+        # Distinct points only (a bank prior gives min(n_prior, bank) rows); M_p is what came back.
+        ref = prior.reference_sample(self.n_prior).to(batch.z)
+        m_p = ref.shape[0]
+        if m_p <= self.k:
+            raise ElbokitError(knn_reference_refusal(prior, self.k)
+                               or f"The k-NN cross-entropy got {m_p} prior samples and needs more than k={self.k}.")
+        rho = kth_neighbour_distance(batch.z, ref, self.k).clamp_min(1e-12)
+        const = torch.special.digamma(torch.tensor(float(m_p))) - torch.special.digamma(torch.tensor(float(self.k)))
         return float(const) + log_unit_ball_volume(d) + d * rho.log()
 
 
 class CrossEntropyAuto(Estimator):
-    """analytic for the standard normal, mc for priors with log_prob, knn for sample-only priors."""
+    """analytic where there is a closed form (standard-normal), else mc for priors with log_prob, else knn."""
 
     quantity, name = "cross_entropy", "auto"
 
@@ -245,11 +268,14 @@ class CrossEntropyAuto(Estimator):
         super().__init__()
         self.knn = CrossEntropyKNN(k=k, n_prior=n_prior)
 
+    def check_prior(self, prior: Prior) -> str | None:
+        return None if prior.has_log_prob else self.knn.check_prior(prior)
+
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
-        if prior.name == "standard-normal":
-            return CrossEntropyAnalytic.forward(self, batch, prior)
         if prior.has_log_prob:
-            return -prior.log_prob(batch.z)
+            # The closed form has the same expectation as mc with no Monte-Carlo variance.
+            value = _closed_form_cross_entropy(batch, prior)
+            return value if value is not None else -prior.log_prob(batch.z)
         return self.knn(batch, prior)
 
 

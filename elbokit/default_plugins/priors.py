@@ -118,7 +118,15 @@ def fit_gmm(x: np.ndarray, n_components: int | None, max_components: int, seed: 
 
 
 class SamplePrior(Prior):
-    """Sample-only prior: draws from a bank of prior samples; has no log_prob."""
+    """Sample-only prior: draws from a bank of prior samples without replacement; has no log_prob.
+
+    `sample(n)` returns n bank rows in random order without replacement; for n larger than the
+    bank it goes through the bank in whole random passes, so no row appears more than
+    ceil(n / bank) times. `reference_sample(n)` (what the k-NN cross-entropy, `elbokit
+    evaluate` and the conformance checks use for a reference set) returns min(n, bank)
+    distinct rows. Sampling with replacement would put duplicates at distance zero and bias
+    the k-NN cross-entropy low (13.38 against 10.76 on a small bank).
+    """
 
     name = "samples"
     has_log_prob = False
@@ -135,9 +143,18 @@ class SamplePrior(Prior):
             data = torch.zeros(int(n_bank or 1), self.dim)
         self.register_buffer("bank", data)
 
+    @property
+    def distinct_samples(self) -> int:
+        return self.bank.shape[0]
+
     def sample(self, n: int) -> torch.Tensor:
-        idx = torch.randint(0, self.bank.shape[0], (n,), device=self.bank.device)
+        size = self.bank.shape[0]
+        passes = [torch.randperm(size, device=self.bank.device) for _ in range(-(-int(n) // size))]
+        idx = torch.cat(passes)[:n] if passes else torch.zeros(0, dtype=torch.long, device=self.bank.device)
         return self.bank[idx]
+
+    def reference_sample(self, n: int) -> torch.Tensor:
+        return self.sample(min(int(n), self.bank.shape[0]))
 
     def spec(self) -> dict[str, Any]:
         return {"dim": self.dim, "n_bank": self.bank.shape[0]}
