@@ -1,4 +1,4 @@
-"""Honest held-out evaluation of a trained VAE, whatever objective trained it (DESIGN.md section 5).
+"""Honest held-out evaluation of a trained VAE, whatever objective trained it (docs/design.md section 5).
 
 The training loss is never the metric: a model is scored against its own prior with
 
@@ -9,7 +9,7 @@ The training loss is never the metric: a model is scored against its own prior w
   evaluated set, q(z) = (1/N) sum_n q(z|x_n): KL_x = I_q(x;z) + KL(q(z) || p(z)), and
   KL(q(z) || p(z)) = -H[q(z)] + H[q(z), p(z)];
 - `exact_loglik` when the data came from the `gaussian` generator (x ~ N(0, W^T W + s^2 I));
-- the paper's Table II metrics, which are not a bound (DESIGN.md section 6).
+- the paper's Table II metrics, which are not a bound (docs/design.md section 6).
 
 Everything is in nats per example (sums over data and latent dimensions, means over
 examples). Log-likelihoods are reported in the original data units: a model trained on
@@ -239,7 +239,7 @@ def estimate_iw_seconds(model: Any, prior: Any, likelihood: Any, x: torch.Tensor
 # ------------------------------------------------------------ the aggregate posterior
 def knn_cross_entropy_terms(z: torch.Tensor, prior_samples: torch.Tensor, k: int = KNN_K,
                             chunk: int = 1024) -> torch.Tensor:
-    """Per-sample terms of the k-NN cross-entropy H[q(z), p(z)] to prior samples (DESIGN.md
+    """Per-sample terms of the k-NN cross-entropy H[q(z), p(z)] to prior samples (docs/design.md
     section 3): psi(M_p) - psi(k) + log c_d + d log rho_k(z_i); their mean is the estimate."""
     m, d = prior_samples.shape
     if m <= k:
@@ -355,7 +355,7 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
                    iw_samples: int = DEFAULT_IW_SAMPLES, seed: int = 0, chunk: int = DEFAULT_ROWS,
                    surgery_samples: int | None = None, progress: Callable[[int, int], None] | None = None,
                    check_cost: Callable[[float, int], None] | None = None) -> dict[str, Any]:
-    """Every held-out metric of DESIGN.md section 5 for data `x` in model (standardised) space.
+    """Every held-out metric of docs/design.md section 5 for data `x` in model (standardised) space.
 
     `z_true` (N, L') gives `latent_r2`; `meta` from the `gaussian` generator (W, noise_std)
     gives `exact_loglik`; `standardizer` (mean/std/log_abs_det_jacobian) turns log-likelihoods
@@ -450,7 +450,7 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
     else:
         put("exact_loglik", None, reason=_no_exact_reason(meta))
 
-    # The paper's Table II (DESIGN.md section 6): MSE = E||x - x^||^2 on the normalised
+    # The paper's Table II (docs/design.md section 6): MSE = E||x - x^||^2 on the normalised
     # features it trains on, KLD = the per-example KL, "ELBO" = -MSE - KLD. Not a bound.
     put("paper_mse", iw["sq_err"])
     report["paper_kld"] = report["kl"]

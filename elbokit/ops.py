@@ -75,7 +75,8 @@ def logsumexp_gaussian_mixture(
     value to use for log N(z_i; loc_i, scale_i^2), typically `posterior.log_prob(z)`. The same
     number then enters both the sum and the caller's log q(z_i|x_i), so that
     out[i] >= diagonal[i] + log_weights[i, i] holds exactly in floating point (hence
-    InfoNCE <= log K and a non-negative MWS mutual information per example up to log(N M)).
+    InfoNCE <= log K, and an MWS mutual information of at most log(N M) per example; it has no
+    lower bound and can be negative, see docs/design.md).
     """
     if int(chunk) < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")

@@ -29,7 +29,10 @@ def test_estimators_json_names_quantities_and_bounds(run_cli, fresh_registry):
     rows = json.loads(run_cli("estimators", "--json").stdout)
     by_key = {(r["quantity"], r["name"]): r for r in rows}
     assert by_key[("mi", "infonce")]["kind"] == "lower bound"
-    assert by_key[("entropy", "gaussian")]["kind"] == "upper bound"
+    # Biased low on a finite batch, so not a bound (docs/design.md section 3).
+    assert by_key[("entropy", "gaussian")]["kind"] == "estimate"
+    # The listing says which priors have a closed-form cross-entropy.
+    assert "standard-normal" in by_key[("cross_entropy", "analytic")]["description"]
     assert "conditional" in by_key[("entropy", "logvar")]["description"].lower()
     assert {q for q, _ in by_key} == {"kl", "entropy", "cross_entropy", "mi"}
 

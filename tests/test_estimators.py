@@ -1,4 +1,4 @@
-"""Estimators against closed forms, Monte Carlo and naive computations (DESIGN.md section 3).
+"""Estimators against closed forms, Monte Carlo and naive computations (docs/design.md section 3).
 
 Tolerances are stated next to each assertion: a number of standard errors (estimated from the
 same draws) plus, where the estimator is biased, a bound on that bias. Seeds are fixed, so a
@@ -229,7 +229,7 @@ def test_entropy_mss_on_minibatches_matches_closed_form(fresh_registry):
 
 
 def test_entropy_mws_with_the_batch_as_the_dataset_is_the_exact_mixture_plus_log_n(fresh_registry):
-    # Chen et al.'s MWS divides by N*M (DESIGN.md section 3). With M = N the sum runs over the
+    # Chen et al.'s MWS divides by N*M (docs/design.md section 3). With M = N the sum runs over the
     # whole mixture, whose normaliser is N, so MWS = -log q(z_i) + log N exactly: the estimate
     # of H[q(z)] is offset by log N, a constant that does not move gradients.
     batch = aggregate_batch(2000, DIM, SCALE, seed=12)
@@ -320,7 +320,7 @@ def test_entropy_knn_is_differentiable(fresh_registry):
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
-def test_entropy_gaussian_is_tight_on_a_gaussian_and_an_upper_bound_otherwise(fresh_registry):
+def test_entropy_gaussian_is_tight_on_a_large_gaussian_batch_and_the_max_entropy_value_otherwise(fresh_registry):
     gauss = est(fresh_registry, "entropy", "gaussian")
     batch = aggregate_batch(4000, DIM, SCALE, seed=15)
     h = gauss(batch, None)
@@ -336,6 +336,42 @@ def test_entropy_gaussian_is_tight_on_a_gaussian_and_an_upper_bound_otherwise(fr
     assert h_u > 0.0
     # A uniform has kurtosis 1.8 < 3, so its log-det SE is below the Gaussian one used here.
     assert abs(h_u - bound) <= 4 * 0.5 * math.sqrt(2 * 3 / 4000)
+
+
+def test_entropy_gaussian_is_biased_low_by_the_expected_log_det_of_a_sample_covariance(fresh_registry):
+    # On a Gaussian q(z) the max-entropy bound is tight, and the batch estimator is biased LOW:
+    # E[log det S] = log det Sigma + sum_{i=1..L} psi((M - i)/2) + L log(2/(M - 1)) for the
+    # unbiased sample covariance S of M Gaussian points (Wishart). With M = 16, L = 5 that is
+    # -0.57 nats on the entropy; the mean over 2000 batches must match it within 4.5 SE and sit
+    # below the truth, so the estimator is not an upper bound on a finite batch.
+    gauss = est(fresh_registry, "entropy", "gaussian", jitter=0.0)
+    m, d, n_batches = 16, 5, 2000
+    truth = 0.5 * d * (1 + LOG_2PI)  # H[N(0, I_5)]
+    expected_bias = 0.5 * (sum(torch.special.digamma(torch.tensor((m - i) / 2.0, dtype=torch.float64)).item()
+                               for i in range(1, d + 1)) + d * math.log(2.0 / (m - 1)))
+    g = torch.Generator().manual_seed(40)
+    values = torch.tensor([gauss(Batch(x=z, posterior=gaussian_posterior(z, torch.ones_like(z)), z=z), None)[0].item()
+                           for z in torch.randn(n_batches, m, d, generator=g, dtype=torch.float64)], dtype=torch.float64)
+    se = values.std().item() / math.sqrt(n_batches)
+    assert abs(values.mean().item() - (truth + expected_bias)) <= 4.5 * se
+    assert values.mean().item() < truth - 10 * se
+    assert est(fresh_registry, "entropy", "gaussian").kind != "upper bound"
+
+
+def test_mws_mutual_information_can_be_negative(fresh_registry):
+    # Broad posteriors among narrow ones centred where their codes fell: the narrow ones put far
+    # more density at z_i than the broad q(z|x_i) does, so log q(z_i|x_i) - log q^(z_i) < 0 for
+    # each broad one (N = M = 10, L = 3: a density ratio of (10 / 0.01)^3 = 1e9 > N M = 100), and
+    # with half the batch broad the batch mean is negative too.
+    m, d = 10, 3
+    loc = torch.zeros(m, d, dtype=torch.float64)
+    loc[1:] += 0.001 * torch.randn(m - 1, d, generator=torch.Generator().manual_seed(41), dtype=torch.float64)
+    scale = torch.full((m, d), 0.01, dtype=torch.float64)
+    scale[:5] = 10.0
+    batch = Batch(x=loc, posterior=gaussian_posterior(loc, scale), z=loc.clone(), dataset_size=m)
+    mi = est(fresh_registry, "mi", "mws")(batch, None)
+    assert (mi[:5] < -10.0).all() and mi.mean().item() < 0.0
+    assert (mi <= math.log(m * m) + 1e-9).all()  # the one bound it has: log(N M) per example
 
 
 def test_entropy_logvar_is_the_conditional_entropy(fresh_registry):

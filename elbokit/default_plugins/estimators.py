@@ -1,6 +1,6 @@
 """Built-in estimators of KL, aggregate entropy, cross-entropy and mutual information.
 
-All return per-example contributions of shape (B,) in nats (DESIGN.md section 3).
+All return per-example contributions of shape (B,) in nats (docs/design.md section 3).
 """
 
 from __future__ import annotations
@@ -134,9 +134,17 @@ class EntropyMSS(Estimator):
 
 
 class EntropyGaussian(Estimator):
-    """Entropy of a Gaussian fitted to the batch's z: an upper bound on H[q(z)] for that covariance."""
+    """Entropy of a Gaussian with the batch's sample covariance: biased low, tends to an upper bound on H[q(z)] as M grows.
 
-    quantity, name, kind = "entropy", "gaussian", "upper bound"
+    The Gaussian with q(z)'s covariance Sigma has the largest entropy of all laws with that
+    covariance, so H[N(Sigma)] >= H[q(z)], with equality when q(z) is Gaussian. This estimator
+    plugs in the batch's sample covariance S instead, and E[log det S] < log det Sigma:
+    E[log det S] = log det Sigma + sum_{i=1..L} psi((M - i)/2) + L log(2/(M - 1)), about
+    -L(L+1)/(2M), so the value is biased low by about L(L+1)/(4M) nats and is not a bound on a
+    finite batch (tests/test_estimators.py checks the expectation).
+    """
+
+    quantity, name, kind = "entropy", "gaussian", "estimate"
 
     def __init__(self, jitter: float = 1e-6):
         super().__init__()
@@ -333,7 +341,13 @@ class InfoNCE(Estimator):
 
 
 class MutualInformationMWS(Estimator):
-    """MWS estimate of I(x;z): log q(z_i|x_i) - log q^(z_i), with q^ as in entropy/mws."""
+    """MWS estimate of I(x;z): log q(z_i|x_i) - log q^(z_i); offset like entropy/mws, at most log(NM), can be negative.
+
+    Not a bound: the value carries the same constant offset as the `mws` entropy (about log M
+    up to log N above I), is at most log(N M) per example, and is negative when other
+    posteriors of the batch put far more density at z_i than z_i's own (a broad posterior among
+    narrow ones); tests/test_estimators.py shows such a batch.
+    """
 
     quantity, name = "mi", "mws"
     needs = frozenset({"dataset_size"})
