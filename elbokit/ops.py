@@ -134,12 +134,14 @@ def kth_neighbour_distance(query: torch.Tensor, ref: torch.Tensor, k: int, *, ex
         compute = torch.promote_types(torch.promote_types(query.dtype, ref.dtype), torch.float64)
         centre = ref.detach().to(compute).mean(0)
         ref_c = ref.detach().to(compute) - centre
-        ref_sq = ref_c.pow(2).sum(-1)
+        # ||q||^2 + ||r||^2 - 2 q.r as one product [q, ||q||^2, 1] @ [-2 r, 1, ||r||^2]^T: a single
+        # pass over each (rows, M) block.
+        right = torch.cat([-2.0 * ref_c, torch.ones_like(ref_c[:, :1]), ref_c.pow(2).sum(-1, keepdim=True)], 1)
         rows = max(1, int(block_pairs) // max(m, 1))
         index = torch.empty(r, dtype=torch.long, device=query.device)
         for start in range(0, r, rows):
             q = query[start:start + rows].detach().to(compute) - centre
-            d2 = q.pow(2).sum(-1, keepdim=True) + ref_sq - 2.0 * (q @ ref_c.T)
+            d2 = torch.cat([q, q.pow(2).sum(-1, keepdim=True), torch.ones_like(q[:, :1])], 1) @ right.T
             if exclude_self:
                 d2.diagonal(offset=start).fill_(math.inf)
             index[start:start + rows] = d2.topk(int(k), dim=1, largest=False).indices[:, -1]
