@@ -363,9 +363,9 @@ def build_from_record(cfg: dict[str, Any], data_dim: int, stored: StoredRun, reg
 def auto_choices(components: Components, batch: Any) -> dict[str, str]:
     """What each `auto` estimator resolves to for this prior and this model's posterior, on a
     real batch: {term: choice}. kl: `elbokit.estimators.kl_to_prior`, the one place that
-    decides analytic or mc; cross_entropy: the rule of the built-in `auto` (analytic for the
-    standard normal, mc for a prior with log_prob, else knn)."""
-    from .estimators import kl_to_prior
+    decides analytic or mc; cross_entropy: the rule of the built-in `auto` (analytic where that
+    decision finds a closed form, as for the standard normal, mc for a prior with log_prob, else knn)."""
+    from .estimators import has_analytic_kl, kl_to_prior
 
     prior = components.prior
     out: dict[str, str] = {}
@@ -376,7 +376,7 @@ def auto_choices(components: Components, batch: Any) -> dict[str, str]:
         if term.quantity == "kl":
             out[name] = kl_to_prior(batch.posterior, batch.z, prior, "auto")[1] if prior.has_log_prob else "mc"
         elif term.quantity == "cross_entropy":
-            out[name] = "analytic" if prior.name == "standard-normal" else "mc" if prior.has_log_prob else "knn"
+            out[name] = "analytic" if has_analytic_kl(prior) else "mc" if prior.has_log_prob else "knn"
     return out
 
 
