@@ -210,7 +210,8 @@ class CrossEntropyAnalytic(Estimator):
         if not has_analytic_kl(prior):
             instead = "mc or knn" if prior.has_log_prob else "knn"
             return (f"no closed-form cross-entropy exists between a Gaussian posterior and prior '{prior.name}' "
-                    f"(torch has no closed-form KL for the pair); use xent.estimator={instead}.")
+                    "(there is one for standard-normal and any prior with a closed-form KL); "
+                    f"use xent.estimator={instead}.")
         return None
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
