@@ -166,7 +166,7 @@ def device_check(name: str, value: Any) -> str:
     return value
 
 
-# The defaults of the paper's setup (DESIGN.md section 6), except the epoch budget: the paper
+# The defaults of the paper's setup (docs/design.md section 6), except the epoch budget: the paper
 # trains up to 1000 epochs; the default here keeps the README's command near two minutes on
 # two CPU cores (see docs/training.md for the measurement), and --max-epochs 1000 restores it.
 SCHEMA: dict[str, dict[str, Key]] = {

@@ -756,7 +756,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     - `.likelihood`: p(x|z) of the recon term (`mse` when the objective has none); its
       `log_prob(x, model.decode(z))` is in the STANDARDISED space of `.x`;
     - `.standardizer`: the train-split `Standardizer`; add `standardizer.log_abs_det_jacobian`
-      to a log-density of standardised x to express it in original units (DESIGN.md section 1);
+      to a log-density of standardised x to express it in original units (docs/design.md section 1);
     - `.state`: the checkpoint's metadata (epoch, step, best_value, select_metric, ...);
     - `.summary` (summary.json or None), `.metrics()` (metrics.jsonl records);
     - `.load_split(name)`: an `elbokit.data.Split` with `.data` (Dataset in original units,

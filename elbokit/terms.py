@@ -17,7 +17,7 @@ class ElboTerm(nn.Module):
     """A term of the (negative) ELBO, in nats per example, with the ELBO's sign.
 
     `forward(batch, prior)` returns the loss contribution per example, shape (B,): lower is
-    better, and the objective weights, averages and adds them (DESIGN.md section 1).
+    better, and the objective weights, averages and adds them (docs/design.md section 1).
 
     Most terms are `sign * estimate` of one quantity: set `quantity` (see
     `elbokit.estimators.QUANTITIES`), `default_estimator` and `sign`, and the estimator is

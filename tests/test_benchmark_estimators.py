@@ -185,7 +185,7 @@ def test_infonce_never_exceeds_log_m_and_the_critics_bound_their_own_truth(run_c
         if r["name"] == "infonce":
             assert r["mean"] <= r["log_M"] + 1e-5
             assert r["truth_of"] == ("I(x;z)" if "encoder" in r["estimator"] else "I(z;z+)")
-    # encoder critic = mi_mws - log N on the same batches (DESIGN.md section 2).
+    # encoder critic = mi_mws - log N on the same batches (docs/design.md section 2).
     enc = {r["M"]: r["mean"] for r in rows if r["estimator"] == "mi/infonce[critic=encoder]"}
     mws = {r["M"]: r["mean"] for r in rows if r["estimator"] == "mi/mws"}
     for m in enc:

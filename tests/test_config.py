@@ -17,7 +17,7 @@ def test_defaults_are_the_papers_setup():
     assert cfg["model"] == {"latent_dim": 5, "name": "mlp", "options": {"hidden": [400, 400]}}
     assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["batch_size"] == 512
     assert cfg["data"]["dataset"] == "mixture" and cfg["data"]["split"] == [0.8, 0.1, 0.1]
-    # The generator's defaults are written into the resolved config (DESIGN.md section 6).
+    # The generator's defaults are written into the resolved config (docs/design.md section 6).
     assert {k: cfg["data"][k] for k in ("n", "data_dim", "latent_dim", "noise_std", "radius")} == \
         {"n": 10000, "data_dim": 20, "latent_dim": 5, "noise_std": 0.5, "radius": 0.1}
 

@@ -1,4 +1,4 @@
-"""The datasets match DESIGN.md section 6; files are validated; splits and standardisation."""
+"""The datasets match docs/design.md section 6; files are validated; splits and standardisation."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ NOISE_STD = 0.5
 
 
 def gaussian_dataset(n: int, data_dim: int = 20, latent_dim: int = 5, seed: int = 0):
-    """DESIGN.md section 6, dataset 1: z ~ N(0, I), W ~ N(0, 1) (L, D), x = z W + N(0, 0.5^2)."""
+    """docs/design.md section 6, dataset 1: z ~ N(0, I), W ~ N(0, 1) (L, D), x = z W + N(0, 0.5^2)."""
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((latent_dim, data_dim))
     z = rng.standard_normal((n, latent_dim))

@@ -1,4 +1,4 @@
-"""The ELBO-surgery identities of DESIGN.md section 2, per example and per batch.
+"""The ELBO-surgery identities of docs/design.md section 2, per example and per batch.
 
 With S_ij = log q(z_i|x_j) and the MWS aggregate log q^(z_i) = logsumexp_j S_ij - log(N M):
     mi_mws + (-H_mws) + xent_mc == kl_mc  (= log q(z_i|x_i) - log p(z_i))

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ElbokitError
 
-# DESIGN.md section 6: the paper's model and data, with elbokit's defaults for what it leaves out
+# docs/design.md section 6: the paper's model and data, with elbokit's defaults for what it leaves out
 # (the gmm prior's default is 3 components fitted to 10000 draws of the generator's latents).
 PAPER_SETTINGS: dict[str, Any] = {
     "data": {"n": 10000, "data_dim": 20, "noise_std": 0.5, "radius": 0.1, "split": [0.8, 0.1, 0.1]},

@@ -60,7 +60,7 @@ class Standardizer:
     """Per-feature standardisation fitted on the training split: x_model = (x - mean) / std.
 
     A log-density in model space converts to original data units by adding
-    `log_abs_det_jacobian` = -sum(log std) (DESIGN.md section 1)."""
+    `log_abs_det_jacobian` = -sum(log std) (docs/design.md section 1)."""
 
     mean: np.ndarray
     std: np.ndarray

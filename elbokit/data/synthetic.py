@@ -1,4 +1,4 @@
-"""The paper's synthetic datasets (appendix B-D), with the defaults DESIGN.md section 6 fixes.
+"""The paper's synthetic datasets (appendix B-D), with the defaults docs/design.md section 6 fixes.
 
 Both are linear-Gaussian observations of a latent code: x = z W + N(0, noise_std^2), with
 W ~ N(0, 1) of shape (latent_dim, data_dim), and positives x+ = x + N(0, radius^2). They

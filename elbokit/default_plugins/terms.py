@@ -1,4 +1,4 @@
-"""Built-in terms. Loss contributions carry the ELBO's sign (DESIGN.md section 2):
+"""Built-in terms. Loss contributions carry the ELBO's sign (docs/design.md section 2):
 
     -ELBO = recon + kl = recon + mi + (-entropy) + xent = recon + mi + marginal-kl
 """
