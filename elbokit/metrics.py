@@ -87,7 +87,7 @@ EVALUATION: dict[str, Metric] = {m.name: m for m in (
           NATS_DATA, "exact", "higher"),
     _eval("recon", "reconstruction -E log p(x|z)", "-E_q(z|x)[log p(x|z)], the `recon` term's quantity",
           NATS_DATA, "estimate", "lower"),
-    _eval("kl", "KL(q(z|x) || p(z))", "E_x KL(q(z|x) || p(z)), analytic where torch registers the pair",
+    _eval("kl", "KL(q(z|x) || p(z))", "E_x KL(q(z|x) || p(z)), analytic where torch has a closed form down to the base distributions",
           NATS_LATENT, "estimate", "lower", low=0.0,
           note="exact when kl_estimator is analytic; a Monte-Carlo KL can fall below 0 by its error"),
     _eval("mi", "I_q(x; z)", "mutual information of the aggregate posterior of the N evaluated points",
