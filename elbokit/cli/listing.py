@@ -132,7 +132,7 @@ def model_rows() -> list[dict[str, Any]]:
 
 
 def models(json_output: bool = JSON_OPTION) -> None:
-    """List the models (encoder and decoder; --model NAME --model-option KEY=VALUE)."""
+    """List the models, the encoder and decoder pairs that train takes as --model NAME."""
     rows = model_rows()
     if json_output:
         return print_json(rows)

@@ -175,7 +175,7 @@ def train(
     latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Latent dimension [5]."),
     model: Optional[str] = typer.Option(None, "--model", help="Model: mlp, conv or a plugin's (elbokit models) [auto: conv for (N, C, H, W) files, else mlp]."),
     model_option: list[str] = typer.Option([], "--model-option", help="Model option KEY=VALUE, e.g. hidden=200,200 or channels=16,32 (repeatable)."),
-    hidden: Optional[str] = typer.Option(None, "--hidden", help="The mlp's hidden layer sizes, same as --model-option hidden=... [400,400]."),
+    hidden: Optional[str] = typer.Option(None, "--hidden", help="The mlp's hidden layer sizes, short for --model-option hidden=SIZES [400,400]."),
     terms: Optional[str] = typer.Option(None, "--terms", help="Preset (classic, ed) or name[:weight] items, e.g. recon,kl:0.5 [classic]."),
     option: list[str] = typer.Option([], "--option", "-o", help="Per-term option TERM.KEY=VALUE, e.g. infonce.critic=cosine (repeatable)."),
     prior: Optional[str] = typer.Option(None, "--prior", help="Prior: standard-normal (default), gmm, samples, or a plugin's."),
