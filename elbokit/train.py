@@ -794,6 +794,7 @@ class Trainer:
                 raise _StopRequested({"steps_done": i, "perm": perm, "loss_sum": loss_sum,
                                       "term_sums": term_sums, "first_bad": first_bad})
             idx = perm[i * batch_size:(i + 1) * batch_size]
+            self.objective.global_step = self.state["step"] + i  # warm-up factors: a function of this alone
             try:
                 if self.step_module is not None:  # this process's rows of the global batch, through DDP
                     idx = self.group.shard(idx)
@@ -849,7 +850,9 @@ class Trainer:
             self.lr_per_epoch.step(value)
         elif self.lr_per_epoch is not None:
             self.lr_per_epoch.step()
-        return {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"],
+        weights = {f"weight_{k}": self.objective.effective_weight(k, self.state["step"] - 1)
+                   for k in self.objective.warmups}  # the weight of the epoch's last step
+        return {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"], **weights,
                 "train": {"loss": float(loss_sum) / steps,
                           "terms": {k: float(v) / steps for k, v in term_sums.items()}},
                 "val": val, "select_metric": self.select_metric, "improved": improved,
