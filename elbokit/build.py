@@ -519,6 +519,9 @@ def _defaults(cls: type) -> dict[str, Any]:
     return out
 
 
+from .objective import WARMUP_KEYS  # noqa: E402
+
+
 def describe_objective(components: Components) -> list[dict[str, Any]]:
     """Each term as it ran: name, weight, every option (set or default), its estimator and,
     for `auto`, the estimator it chose (from `precheck`)."""
@@ -537,7 +540,9 @@ def describe_objective(components: Components) -> list[dict[str, Any]]:
             opts.update(_defaults(type(estimator)))
             if name in chosen:
                 row["estimator_chosen"] = chosen[name]
-        opts.update({k: v for k, v in given.items() if k != "estimator"})
+        opts.update({k: v for k, v in given.items() if k != "estimator" and k not in WARMUP_KEYS})
         row["options"] = opts
+        if name in objective.warmups:
+            row.update(objective.warmups[name].describe())
         rows.append(row)
     return rows

@@ -139,6 +139,15 @@ def model_table(name: str, value: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
 
 
+def mlflow_check(name: str, value: Any) -> bool | str:
+    """[output] mlflow: false (off), true (the default local store) or a tracking URI."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ElbokitError(f"{name} must be true, false or an MLflow tracking URI such as sqlite:///runs/mlflow.db, got {value!r}.")
+
+
 def one_of(*choices: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in choices:
@@ -222,6 +231,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "name": Key(None, optional_string, "a name for the run, shown by `elbokit runs` (default: the directory's name)", "--name"),
         "tags": Key([], string_list, "labels for finding and grouping runs (`elbokit runs`)", "--tag"),
         "tensorboard": Key(False, boolean, "also write TensorBoard event files to RUN_DIR/tensorboard", "--tensorboard"),
+        "mlflow": Key(False, mlflow_check, "log the run to MLflow while it trains: true for a local SQLite store beside the run (sqlite:///<runs dir>/mlflow.db), or a tracking URI; needs mlflow", "--mlflow"),
     },
 }
 FREE_SECTIONS = ("terms",)  # [terms.<name>] tables: per-term options, checked by build_objective

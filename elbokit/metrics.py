@@ -198,6 +198,16 @@ def term_loss_metric(term: str) -> Metric:
                   NATS_MODEL if term == "recon" else NATS_LATENT, "loss", "lower", groups=("train",))
 
 
+WEIGHT_PREFIX = "weight_"
+
+
+def weight_metric(term: str) -> Metric:
+    """The table entry of a warmed-up term's effective weight (`[terms.NAME] warmup_steps`)."""
+    return Metric(WEIGHT_PREFIX + term, f"weight {term}",
+                  f"effective weight of term '{term}' at the epoch's last step: its weight times the warm-up "
+                  "factor (written only for a term with a warm-up)", "dimensionless", "setting", groups=("train",))
+
+
 def canonical(name: str) -> str:
     """The current name of `name` (old names through ALIASES; a split prefix is kept)."""
     if name in METRICS or name.startswith(TERM_LOSS_PREFIX):
@@ -219,6 +229,8 @@ def metric(name: str) -> Metric:
         return METRICS[name]
     if name.startswith(TERM_LOSS_PREFIX):
         return term_loss_metric(name[len(TERM_LOSS_PREFIX):])
+    if name.startswith(WEIGHT_PREFIX):
+        return weight_metric(name[len(WEIGHT_PREFIX):])
     if name.endswith("_se"):
         base = metric(name[:-3])
         if base.se is not None:

@@ -73,6 +73,64 @@ class ObjectiveOutput:
     per_example: torch.Tensor
 
 
+WARMUP_KEYS = ("warmup", "warmup_steps", "warmup_ratio", "warmup_cycles")
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmUp:
+    """A term's weight annealed over optimiser steps (`[terms.NAME] warmup_steps`, `warmup`):
+    the effective weight at global step t (0-based: the number of steps done before it) is
+    weight * factor(t), a pure function of t, so a resumed run anneals exactly as an
+    uninterrupted one.
+
+    linear: factor(t) = min(1, t / steps) (0 at the first step, 1 from step `steps` on).
+    cyclical (Fu et al. 2019, "Cyclical annealing schedule"): cycles of `steps` steps; within
+    a cycle at position u = (t mod steps) / steps, factor = min(1, u / ratio) (a linear ramp
+    over the first `ratio` of the cycle, then 1); after `cycles` cycles the factor stays 1."""
+
+    kind: str = "linear"
+    steps: int = 0
+    ratio: float = 0.5
+    cycles: int = 4
+
+    def factor(self, step: int) -> float:
+        if self.steps <= 0:
+            return 1.0
+        if self.kind == "linear":
+            return min(1.0, step / self.steps)
+        if step >= self.cycles * self.steps:
+            return 1.0
+        return min(1.0, (step % self.steps) / self.steps / self.ratio)
+
+    @classmethod
+    def from_options(cls, term: str, opts: dict[str, Any]) -> WarmUp | None:
+        """Pop the warm-up keys of a term's options; None when the term has none."""
+        given = {k: opts.pop(k) for k in WARMUP_KEYS if k in opts}
+        if not given:
+            return None
+        kind = given.get("warmup", "linear")
+        if kind not in ("linear", "cyclical"):
+            raise ElbokitError(f"{term}.warmup must be linear or cyclical, got {kind!r}.")
+        steps = given.get("warmup_steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ElbokitError(f"{term}.warmup_steps must be a whole number of optimiser steps >= 1, got {steps!r}.")
+        ratio = given.get("warmup_ratio", 0.5)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ElbokitError(f"{term}.warmup_ratio must be a number in (0, 1], got {ratio!r}.")
+        cycles = given.get("warmup_cycles", 4)
+        if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
+            raise ElbokitError(f"{term}.warmup_cycles must be a whole number >= 1, got {cycles!r}.")
+        if kind == "linear" and ({"warmup_ratio", "warmup_cycles"} & set(given)):
+            raise ElbokitError(f"{term}.warmup_ratio and {term}.warmup_cycles belong to warmup=cyclical.")
+        return cls(kind, steps, float(ratio), cycles)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"warmup": self.kind, "warmup_steps": self.steps}
+        if self.kind == "cyclical":
+            out.update(warmup_ratio=self.ratio, warmup_cycles=self.cycles)
+        return out
+
+
 class Objective(nn.Module):
     """A weighted sum of terms: loss = sum_t w_t * mean_i term_t(i), in nats per example."""
 
@@ -87,6 +145,16 @@ class Objective(nn.Module):
         self.weights = dict(weights)
         self.prior = prior
         self.dataset_size = dataset_size
+        self.warmups: dict[str, WarmUp] = {}  # term -> its weight's warm-up (see WarmUp)
+        # The optimiser steps done before the current one, set by the training loop before each
+        # step: the warm-up factors are a function of it alone.
+        self.global_step = 0
+
+    def effective_weight(self, name: str, step: int | None = None) -> float:
+        """The weight of term `name` at global step `step` (default: the current one)."""
+        warm = self.warmups.get(name)
+        weight = self.weights[name]
+        return weight if warm is None else weight * warm.factor(self.global_step if step is None else step)
 
     @property
     def term_names(self) -> list[str]:
@@ -132,7 +200,7 @@ class Objective(nn.Module):
             per_term = {name: term(batch, self.prior) for name, term in self.terms.items()}
         for name, per_example in per_term.items():
             values[name] = per_example.detach().mean()
-            total = total + self.weights[name] * per_example
+            total = total + self.effective_weight(name) * per_example
         return ObjectiveOutput(loss=total.mean(), terms=values, per_example=total.detach())
 
     def reconstruction_likelihood(self) -> nn.Module | None:
@@ -187,14 +255,19 @@ def build_objective(
             raise ElbokitError(f"A weight was given for term '{key}', which is not among the terms ({', '.join(names)}).")
     built: dict[str, ElboTerm] = {}
     final_weights: dict[str, float] = {}
+    warmups: dict[str, WarmUp] = {}
     for name, weight in parsed:
         term_cls = registry.term(name)
         term_options = options.get(name, {})
+        warm = WarmUp.from_options(name, term_options)
+        if warm is not None:
+            warmups[name] = warm
         # `weight` is accepted among a term's options (as in a config file); weights= wins.
         weight = term_options.pop("weight", weight)
         built[name] = make_term(term_cls, term_options, registry)
         final_weights[name] = _finite_weight(name, (weights or {}).get(name, weight))
     objective = Objective(built, final_weights, prior, dataset_size=dataset_size)
+    objective.warmups = warmups
     objective.check(has_positives=has_positives, dataset_size=dataset_size)
     return objective
 

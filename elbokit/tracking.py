@@ -8,7 +8,8 @@ per-epoch record of metrics.jsonl as metrics at step = epoch (names from `elboki
 train_loss, train_loss_<term>, val_neg_elbo, ...), the summary's flat columns (best_val,
 test_elbo, test_iwae, ...) as metrics, and summary.json, config.toml, run.json, metrics.jsonl
 and the figures of `elbokit plot` as artifacts. The default store is a local SQLite file beside
-the runs, `sqlite:///<runs dir>/mlflow.db`, so `mlflow ui` shows them with no server.
+the runs, `sqlite:///<runs dir>/mlflow.db` (artifacts in `<runs dir>/mlartifacts`), so `mlflow ui`
+shows them with no server.
 
 `MlflowLogger` does the same while a run trains: `start(cfg)` when the run directory is
 created, `log_metrics(record, step)` after each epoch's record, `finish(run_dir)` at the end.
@@ -87,7 +88,15 @@ class MlflowLogger:
     def start(self, cfg: Mapping[str, Any]) -> str:
         """Create the MLflow run and log the resolved config as its parameters; its run id."""
         exp = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.experiment)
+        if exp is not None:
+            experiment_id = exp.experiment_id
+        else:
+            # A local SQLite store keeps its artifacts beside it (RUNS/mlartifacts), not in
+            # ./mlruns under whatever directory the process was started from.
+            location = None
+            if self.tracking_uri.startswith("sqlite:///"):
+                location = (Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         from mlflow.entities import Param

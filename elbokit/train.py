@@ -41,7 +41,7 @@ from .metrics import TERM_LOSS_PREFIX, flat_record, term_losses
 # Keys that may change when a run is resumed (they do not change what was already computed).
 RESUMABLE_OVERRIDES = {
     "train": {"max_epochs", "patience", "lr", "grad_clip", "device", "evaluate", "threads", "checkpoint_seconds"},
-    "output": {"tensorboard", "name", "tags"},
+    "output": {"tensorboard", "mlflow", "name", "tags"},
 }
 
 
@@ -211,6 +211,10 @@ def prepare(cfg: dict[str, Any], *, resume: str | Path | None = None, registry: 
 
         if importlib.util.find_spec("tensorboard") is None:
             raise ElbokitError("--tensorboard needs the optional tensorboard package: pip install 'elbokit[tensorboard]' (or pip install tensorboard).")
+    if cfg["output"]["mlflow"]:
+        from .tracking import _mlflow
+
+        _mlflow()  # one line naming the package when it is missing, before anything is written
     components = build_components(cfg, registry=registry, stored=stored)
     components.checked = precheck(components)
     if resume is not None:
@@ -400,6 +404,7 @@ class Trainer:
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": 0,
                                       "bad_epochs": 0, "train_seconds": 0.0}
         self.tb = None
+        self.mlflow: Any = None  # elbokit.tracking.MlflowLogger with [output] mlflow, in process 0
         self.partial: dict[str, Any] | None = None  # an interrupted epoch's progress, from a checkpoint
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit()
         # Checkpoints are written at most every train.checkpoint_seconds: a best reached in
@@ -654,6 +659,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(s.run_dir / "tensorboard"))
+        if s.config["output"]["mlflow"] and (self.group is None or self.group.is_writer):
+            self._start_mlflow()
         x, x_pos = s.splits["train"].x, s.splits["train"].x_pos if s.needs_positives else None
         n, batch_size = x.shape[0], min(cfg["batch_size"], x.shape[0])
         steps_per_epoch = n // batch_size  # the incomplete last batch is dropped, as DataLoader(drop_last=True)
@@ -690,10 +697,13 @@ class Trainer:
                         self._write_checkpoints()
                     if self.tb is not None:
                         self._tensorboard(record)
+                    if self.mlflow is not None:
+                        self.mlflow.log_metrics(record)
                     self.reporter.epoch(record)
                 if self._written_epoch != self.state["epoch"] or self._pending_best is not None:
                     self._write_checkpoints()
         except TrainingDiverged:
+            self._end_mlflow("FAILED")
             # The model is no longer finite: keep the last checkpoint on disk, but write a best
             # reached since (it was serialised when it was reached, from a finite model).
             if self._pending_best is not None:
@@ -702,13 +712,51 @@ class Trainer:
                 self.group.barrier()
             raise
         except KeyboardInterrupt:
+            self._end_mlflow("KILLED")
             raise TrainingInterrupted(s.run_dir, self.state["epoch"]) from None
+        except BaseException:
+            self._end_mlflow("KILLED")
+            raise
         finally:
             self.reporter.stop()
             if self.tb is not None:
                 self.tb.close()
         seconds_this_process = time.perf_counter() - process_start
-        return self._finish(steps_this_process, seconds_this_process)
+        try:
+            summary = self._finish(steps_this_process, seconds_this_process)
+        except BaseException:
+            self._end_mlflow("FAILED")
+            raise
+        self._end_mlflow("FINISHED")
+        return summary
+
+    def _start_mlflow(self) -> None:
+        """An MLflow run for this training ([output] mlflow): the resolved config as parameters
+        and, on a resume, the records of the epochs already done, so the MLflow run is whole."""
+        from .tracking import MlflowLogger
+
+        s, target = self.setup, self.setup.config["output"]["mlflow"]
+        tags = {"elbokit.run_dir": str(Path(s.run_dir).resolve()),
+                **{f"elbokit.tag.{t}": "1" for t in s.config["output"]["tags"]}}
+        if s.resume_from is not None:
+            tags["elbokit.resumed_at_epoch"] = str(self.state["epoch"])
+        self.mlflow = MlflowLogger(target if isinstance(target, str) else None,
+                                   runs_dir=Path(s.run_dir).resolve().parent,
+                                   run_name=s.config["output"]["name"] or Path(s.run_dir).name, tags=tags)
+        import tomllib
+
+        # The config as config.toml holds it (as `elbokit.tracking.log_run` logs a run directory).
+        self.mlflow.start(tomllib.loads((Path(s.run_dir) / "config.toml").read_text(encoding="utf-8")))
+        if s.resume_from is not None:
+            for record in self.run.read_metrics():
+                self.mlflow.log_metrics(record)
+
+    def _end_mlflow(self, status: str) -> None:
+        """End the MLflow run with `status` (FINISHED, FAILED, KILLED), logging the summary and
+        the run's files and figures (figures only for a finished run); at most once."""
+        logger, self.mlflow = self.mlflow, None
+        if logger is not None:
+            logger.finish(self.setup.run_dir, status, plots=status == "FINISHED")
 
     def _epoch(self, x: torch.Tensor, x_pos: torch.Tensor | None, batch_size: int, steps: int) -> dict[str, Any]:
         from .io import crash_point
@@ -746,6 +794,7 @@ class Trainer:
                 raise _StopRequested({"steps_done": i, "perm": perm, "loss_sum": loss_sum,
                                       "term_sums": term_sums, "first_bad": first_bad})
             idx = perm[i * batch_size:(i + 1) * batch_size]
+            self.objective.global_step = self.state["step"] + i  # warm-up factors: a function of this alone
             try:
                 if self.step_module is not None:  # this process's rows of the global batch, through DDP
                     idx = self.group.shard(idx)
@@ -801,7 +850,9 @@ class Trainer:
             self.lr_per_epoch.step(value)
         elif self.lr_per_epoch is not None:
             self.lr_per_epoch.step()
-        return {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"],
+        weights = {f"weight_{k}": self.objective.effective_weight(k, self.state["step"] - 1)
+                   for k in self.objective.warmups}  # the weight of the epoch's last step
+        return {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"], **weights,
                 "train": {"loss": float(loss_sum) / steps,
                           "terms": {k: float(v) / steps for k, v in term_sums.items()}},
                 "val": val, "select_metric": self.select_metric, "improved": improved,

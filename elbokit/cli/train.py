@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import typer.core
 
 from .common import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS_ERROR, fail, handle_errors, print_json
 
+MLFLOW_DEFAULT = "default"  # the value of a bare --mlflow
 RESUME_HINT = "elbokit train --resume {run_dir}"
 
 
@@ -120,7 +122,8 @@ def config_overrides(*, data: Optional[str] = None, data_seed: Optional[int] = N
                      lr_plateau_patience: Optional[int] = None, grad_clip: Optional[float] = None,
                      device: Optional[str] = None, threads: Optional[int] = None, evaluate: Optional[bool] = None,
                      checkpoint_seconds: Optional[float] = None, out: Optional[str] = None, name: Optional[str] = None,
-                     tag: list[str] = (), tensorboard: Optional[bool] = None) -> dict[str, Any]:
+                     tag: list[str] = (), tensorboard: Optional[bool] = None,
+                     mlflow: Optional[str] = None) -> dict[str, Any]:
     """The options of `elbokit train` as a partial config (also the options a benchmark grid
     holds fixed for all its cells)."""
     from elbokit import config as config_mod
@@ -153,6 +156,8 @@ def config_overrides(*, data: Optional[str] = None, data_seed: Optional[int] = N
     _set(o, "output", "out", out)
     _set(o, "output", "tensorboard", tensorboard)
     _set(o, "output", "name", name)
+    if mlflow is not None:  # --mlflow alone: the default local store; --mlflow URI: that store
+        _set(o, "output", "mlflow", True if mlflow == MLFLOW_DEFAULT else mlflow)
     if tag:
         _set(o, "output", "tags", tag)
     if option:
@@ -203,6 +208,8 @@ def train(
     name: Optional[str] = typer.Option(None, "--name", help="A name for the run, shown by elbokit runs [the directory's name]."),
     tag: list[str] = typer.Option([], "--tag", help="A label for finding and grouping runs (repeatable)."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log to RUN_DIR/tensorboard (needs tensorboard)."),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", metavar="[TRACKING_URI]",
+                                         help="Log to MLflow as it trains: alone, a local SQLite store RUNS/mlflow.db (mlflow ui --backend-store-uri sqlite:///RUNS/mlflow.db); or the store at TRACKING_URI (needs mlflow)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
     log_seconds: float = typer.Option(5.0, "--log-seconds", help="When stderr is not a terminal: one line per epoch, at most every this many seconds (0: every epoch; the last epoch always)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -221,7 +228,8 @@ def train(
         lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, lr_min=lr_min, lr_cosine_epochs=lr_cosine_epochs,
         lr_step_epochs=lr_step_epochs, lr_gamma=lr_gamma, lr_plateau_patience=lr_plateau_patience,
         grad_clip=grad_clip, device=device, threads=threads, evaluate=evaluate,
-        checkpoint_seconds=checkpoint_seconds, out=out, name=name, tag=tag, tensorboard=tensorboard)
+        checkpoint_seconds=checkpoint_seconds, out=out, name=name, tag=tag, tensorboard=tensorboard,
+        mlflow=mlflow)
 
     if resume is not None:
         from elbokit.errors import ElbokitError
@@ -304,8 +312,22 @@ def train(
                   f"{test['iwae']:.2f} ± {test['iwae_se']:.2f}. All metrics: elbokit evaluate {summary['run_dir']}")
 
 
+class _TrainCommand(typer.core.TyperCommand):
+    """`--mlflow` takes an optional value, which Typer options cannot: a bare `--mlflow` (last,
+    or followed by another option) is read as `--mlflow=default`, the local store."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            if arg == "--mlflow" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                args[i] = f"--mlflow={MLFLOW_DEFAULT}"
+        return super().parse_args(ctx, args)
+
+
 def register(app: typer.Typer) -> None:
-    app.command(name="train")(handle_errors(train))
+    app.command(name="train", cls=_TrainCommand)(handle_errors(train))
 
 
 __all__ = ["register", "train", "EXIT_BAD_INPUT", "EXIT_DIVERGED"]
