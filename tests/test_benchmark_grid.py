@@ -265,7 +265,7 @@ def test_presets_resolve_to_the_papers_settings(tmp_path, run_cli):
     plan = json.loads(res.stdout)
     assert len(plan["cells"]) == 2 * 2 * 2 * 5
     cfg = plan["cells"][0]["config"]
-    assert (cfg["data"]["n"], cfg["data"]["data_dim"], cfg["model"]["latent_dim"], cfg["model"]["hidden"]) == (10000, 20, 5, [400, 400])
+    assert (cfg["data"]["n"], cfg["data"]["data_dim"], cfg["model"]["latent_dim"], cfg["model"]["options"]["hidden"]) == (10000, 20, 5, [400, 400])
     assert (cfg["train"]["max_epochs"], cfg["train"]["batch_size"], cfg["train"]["lr"]) == (1000, 512, 0.001)
     quick = json.loads(run_cli("benchmark", "grid", "--preset", "choices", "--quick", "--print-grid", "--json",
                                "--out", tmp_path / "c").stdout)
