@@ -10,8 +10,24 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 LOG_2PI = math.log(2 * math.pi)
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = None
 MAX_UNCHUNKED_PAIRS = 2**21
+BLOCK_PAIRS = 2**24
+"""Pairs per block when rows are chunked and no chunk is given: 64 MB of float32, 128 MB of
+float64. Why not smaller: glibc's malloc serves blocks below its mmap threshold (which grows
+to 32 MB as large blocks are freed) from the heap, and with autograd's small allocations in
+between it kept every freed block resident: with 256-row blocks at M = 16384 the process's
+resident memory grew by the whole (M, M) matrix 2.5 times over (2.6 GB, measured by
+benchmarks/bench_estimator_memory.py) although torch's allocator never held more than a few
+blocks. Blocks above 32 MB are always mmapped and returned to the system when freed."""
+
+
+def _rows_per_block(chunk: int | None, m: int) -> int:
+    if chunk is None:
+        return max(1, BLOCK_PAIRS // max(m, 1))
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return int(chunk)
 
 
 def pairwise_gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -43,8 +59,25 @@ def pairwise_gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, scale: tor
     return (left @ right.T).to(out_dtype)
 
 
+CirculantLogWeights = tuple[float, dict[int, float]]
+"""(base, {offset: value}): log w_ij = value where j = (i + offset) mod M, else base. The
+weights of minibatch stratified sampling have this form (base log 1/(M-1), offset 0 log 1/N,
+offset 1 the stratum), so they need O(1) memory instead of a dense (M, M) matrix."""
+
+
+def _apply_circulant(s: torch.Tensor, circulant: CirculantLogWeights, offset: int) -> torch.Tensor:
+    base, special = circulant
+    rows = torch.arange(s.shape[0], device=s.device)
+    s = s + base
+    for shift, value in special.items():
+        cols = (rows + offset + shift) % s.shape[1]
+        # Out of place, so autograd keeps what it needs; only R entries change.
+        s = s.index_put((rows, cols), s[rows, cols] + (value - base))
+    return s
+
+
 def _lse_rows(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, log_w: torch.Tensor | None,
-              diagonal: torch.Tensor | None, offset: int) -> torch.Tensor:
+              diagonal: torch.Tensor | None, offset: int, circulant: CirculantLogWeights | None = None) -> torch.Tensor:
     s = pairwise_gaussian_log_density(z, loc, scale)
     if diagonal is not None:
         # Row r of this chunk is row offset + r of the full matrix: its own component sits at
@@ -52,6 +85,8 @@ def _lse_rows(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, log_w: to
         s = torch.diagonal_scatter(s, diagonal.to(s.dtype), offset=offset)
     if log_w is not None:
         s = s + log_w
+    if circulant is not None:
+        s = _apply_circulant(s, circulant, offset)
     return torch.logsumexp(s, dim=1)
 
 
@@ -60,16 +95,21 @@ def logsumexp_gaussian_mixture(
     loc: torch.Tensor,
     scale: torch.Tensor,
     log_weights: torch.Tensor | None = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = DEFAULT_CHUNK,
     diagonal: torch.Tensor | None = None,
     max_unchunked: int = MAX_UNCHUNKED_PAIRS,
+    circulant_log_weights: CirculantLogWeights | None = None,
 ) -> torch.Tensor:
     """out[i] = logsumexp_j (log_weights[i, j] + log N(z_i; loc_j, scale_j^2)), shape (R,).
 
     Up to `max_unchunked` pairs (R * M; the default 2^21 is 16 MB of float64, a batch of about
     1450) S is formed at once: that is faster, and small. Beyond it, rows are processed `chunk`
-    at a time and, under autograd, each chunk is recomputed in backward (activation
+    at a time (None: as many as make `BLOCK_PAIRS` pairs) and, under autograd, each chunk is recomputed in backward (activation
     checkpointing) so that only (chunk, M) values live at once: memory linear in M.
+
+    `log_weights` is a dense (R, M) tensor (memory quadratic in the batch);
+    `circulant_log_weights` (see `CirculantLogWeights`) gives weights that depend only on
+    (j - i) mod M for a few offsets and are constant elsewhere, in O(1) memory (R == M).
 
     `diagonal` (R,), for the square case where z_i was drawn from component i (R == M): the
     value to use for log N(z_i; loc_i, scale_i^2), typically `posterior.log_prob(z)`. The same
@@ -78,10 +118,11 @@ def logsumexp_gaussian_mixture(
     InfoNCE <= log K, and an MWS mutual information of at most log(N M) per example; it has no
     lower bound and can be negative, see docs/design.md).
     """
-    if int(chunk) < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    chunk = _rows_per_block(chunk, loc.shape[0])
     if diagonal is not None and (z.shape[0] != loc.shape[0] or diagonal.shape != z.shape[:1]):
         raise ValueError("diagonal= needs as many rows in z as components, and one value per row")
+    if circulant_log_weights is not None and z.shape[0] != loc.shape[0]:
+        raise ValueError("circulant_log_weights= needs as many rows in z as components")
     if z.shape[0] * loc.shape[0] <= max_unchunked:
         chunk = max(z.shape[0], 1)
     outs = []
@@ -92,10 +133,46 @@ def logsumexp_gaussian_mixture(
         zc = z[start:stop]
         needs_grad = any(t is not None and t.requires_grad for t in (zc, loc, scale, dg))
         if torch.is_grad_enabled() and needs_grad and chunk < z.shape[0]:
-            outs.append(checkpoint(_lse_rows, zc, loc, scale, lw, dg, start, use_reentrant=False))
+            outs.append(checkpoint(_lse_rows, zc, loc, scale, lw, dg, start, circulant_log_weights,
+                                   use_reentrant=False))
         else:
-            outs.append(_lse_rows(zc, loc, scale, lw, dg, start))
+            outs.append(_lse_rows(zc, loc, scale, lw, dg, start, circulant_log_weights))
     return torch.cat(outs) if outs else z.new_zeros(0)
+
+
+def _lse_scores_rows(a: torch.Tensor, b: torch.Tensor, factor: float, diagonal: torch.Tensor | None,
+                     offset: int) -> torch.Tensor:
+    s = (a @ b.T) * factor
+    if diagonal is not None:
+        s = torch.diagonal_scatter(s, diagonal.to(s.dtype), offset=offset)
+    return torch.logsumexp(s, dim=1)
+
+
+def logsumexp_scores(a: torch.Tensor, b: torch.Tensor, factor: float = 1.0, chunk: int | None = DEFAULT_CHUNK,
+                     diagonal: torch.Tensor | None = None,
+                     max_unchunked: int = MAX_UNCHUNKED_PAIRS) -> torch.Tensor:
+    """out[i] = logsumexp_j factor * (a_i . b_j), shape (R,), for a (R, D) and b (M, D).
+
+    The same scheme as `logsumexp_gaussian_mixture`: the (R, M) score matrix whole up to
+    `max_unchunked` pairs, else `chunk` rows (None: `BLOCK_PAIRS` pairs) at a time, each recomputed in backward, so that
+    memory stays linear in M (a dense float32 matrix at M = 16384 alone is 1 GiB).
+    `diagonal` (R == M) replaces entry (i, i), so that out[i] >= diagonal[i] exactly.
+    """
+    chunk = _rows_per_block(chunk, b.shape[0])
+    if diagonal is not None and (a.shape[0] != b.shape[0] or diagonal.shape != a.shape[:1]):
+        raise ValueError("diagonal= needs as many rows in a as in b, and one value per row")
+    if a.shape[0] * b.shape[0] <= max_unchunked:
+        chunk = max(a.shape[0], 1)
+    outs = []
+    for start in range(0, a.shape[0], chunk):
+        ac = a[start:start + chunk]
+        dg = None if diagonal is None else diagonal[start:start + chunk]
+        needs_grad = any(t is not None and t.requires_grad for t in (ac, b, dg))
+        if torch.is_grad_enabled() and needs_grad and chunk < a.shape[0]:
+            outs.append(checkpoint(_lse_scores_rows, ac, b, factor, dg, start, use_reentrant=False))
+        else:
+            outs.append(_lse_scores_rows(ac, b, factor, dg, start))
+    return torch.cat(outs) if outs else a.new_zeros(0)
 
 
 def log_unit_ball_volume(d: int) -> float:

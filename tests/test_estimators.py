@@ -636,3 +636,69 @@ def test_small_batches_are_computed_whole_and_large_ones_in_chunks_with_equal_re
     torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-12)
     for a, b in zip(g_whole, g_chunked):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------- memory linear in the batch: chunked forms
+@pytest.mark.parametrize("m, chunk", [(2, 1), (3, 2), (41, 7), (41, 41)])
+def test_circulant_mss_weights_equal_the_dense_matrix_with_gradients(m, chunk):
+    # The O(1) circulant form of the mss weights gives what the dense (M, M) matrix gives, in
+    # every chunk (offset 1 wraps from the last row to column 0), values and gradients.
+    from elbokit.default_plugins.estimators import mss_circulant_log_weights, mss_log_weights
+
+    z, loc, scale, _ = _lse_inputs(m, 3, seed=m)
+    diag = torch.randn(m, dtype=torch.float64)
+    cot = torch.randn(m, dtype=torch.float64)
+
+    def grads(**kw):
+        leaves = [t.detach().clone().requires_grad_() for t in (z, loc, scale, diag)]
+        out = logsumexp_gaussian_mixture(*leaves[:3], diagonal=leaves[3], chunk=chunk, max_unchunked=0, **kw)
+        (out * cot).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    dense, g_dense = grads(log_weights=mss_log_weights(m, 500, dtype=torch.float64))
+    circ, g_circ = grads(circulant_log_weights=mss_circulant_log_weights(m, 500))
+    torch.testing.assert_close(circ, dense, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_circ, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("m, chunk", [(50, 7), (50, 50), (1, 1)])
+def test_chunked_score_logsumexp_equals_dense_with_gradients(m, chunk):
+    from elbokit.ops import logsumexp_scores
+
+    g = torch.Generator().manual_seed(m + chunk)
+    a, b = torch.randn(m, 4, generator=g, dtype=torch.float64), torch.randn(m, 4, generator=g, dtype=torch.float64)
+    cot = torch.randn(m, dtype=torch.float64, generator=g)
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (a, b)]
+        out = fn(*leaves)
+        (out * cot).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    dense, g_dense = grads(lambda x, y: torch.logsumexp(3.0 * x @ y.T, dim=1))
+    chunked, g_chunked = grads(lambda x, y: logsumexp_scores(x, y, 3.0, chunk=chunk, max_unchunked=0,
+                                                             diagonal=3.0 * (x * y).sum(-1)))
+    torch.testing.assert_close(chunked, dense, rtol=1e-12, atol=1e-12)
+    for u, v in zip(g_chunked, g_dense):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
+def test_infonce_in_chunks_stays_below_log_k(fresh_registry):
+    # K = 1500 is above the 2^21 pairs formed whole, so the cosine and dot critics go through
+    # row blocks; they still give at most log K per example (the diagonal is the same number in
+    # the sum and in the positive's score) and the values of the whole score matrix.
+    import torch.nn.functional as F
+
+    from elbokit.ops import MAX_UNCHUNKED_PAIRS
+
+    k = 1500
+    assert k * k > MAX_UNCHUNKED_PAIRS
+    g = torch.Generator().manual_seed(3)
+    z, zp = torch.randn(k, 5, generator=g), torch.randn(k, 5, generator=g)
+    batch = _critic_batch(z, zp)
+    for critic, s in (("cosine", F.normalize(z, dim=-1) @ F.normalize(zp, dim=-1).T / 0.1), ("dot", z @ zp.T)):
+        chunked = est(fresh_registry, "mi", "infonce", critic=critic, chunk=64)(batch, None)
+        assert (chunked <= math.log(k)).all()
+        expected = math.log(k) + s.diagonal() - torch.logsumexp(s, dim=1)
+        torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)

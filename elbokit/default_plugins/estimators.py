@@ -15,6 +15,7 @@ from elbokit.errors import ElbokitError, IncompatibleError
 from elbokit.estimators import Estimator, analytic_kl, has_analytic_kl, kl_to_prior, no_analytic_kl_sentence
 from elbokit.hookspecs import hookimpl
 from elbokit.ops import (LOG_2PI, kth_neighbour_distance, log_unit_ball_volume, logsumexp_gaussian_mixture,
+                         logsumexp_scores,
                          pairwise_gaussian_log_density)
 from elbokit.priors import Prior
 
@@ -27,8 +28,11 @@ def _require_dataset_size(batch: Batch, who: str) -> int:
     return batch.dataset_size
 
 
-def _chunk(chunk: int) -> int:
-    """The rows per block of a pairwise log-density; checked when the estimator is built."""
+def _chunk(chunk: int | None) -> int | None:
+    """The rows per block of a pairwise log-density (None or 0: blocks of elbokit.ops.BLOCK_PAIRS
+    pairs, which keeps resident memory linear in the batch); checked when the estimator is built."""
+    if chunk is None or chunk == 0:
+        return None
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive integer (rows per block, e.g. 256), got {chunk}")
     return int(chunk)
@@ -88,11 +92,22 @@ def mss_log_weights(m: int, n: int, device=None, dtype=torch.float32) -> torch.T
     """
     if m < 2:
         raise ElbokitError("The mss estimator needs a batch of at least 2.")
-    w = torch.full((m, m), 1.0 / (m - 1), dtype=torch.float64)
+    base, special = mss_circulant_log_weights(m, n)
+    w = torch.full((m, m), base, dtype=torch.float64)
     idx = torch.arange(m)
-    w[idx, (idx + 1) % m] = (n - m + 1) / (n * (m - 1))
-    w[idx, idx] = 1.0 / n
-    return w.log().to(device=device, dtype=dtype)
+    for shift, value in special.items():
+        w[idx, (idx + shift) % m] = value
+    return w.to(device=device, dtype=dtype)
+
+
+def mss_circulant_log_weights(m: int, n: int) -> tuple[float, dict[int, float]]:
+    """The same weights as `mss_log_weights` in O(1) memory: (log 1/(M-1), {0: log 1/N,
+    1: log of the stratum weight}), see `elbokit.ops.CirculantLogWeights`. For M = 2 the two
+    special offsets cover every column and the base is unused."""
+    if m < 2:
+        raise ElbokitError("The mss estimator needs a batch of at least 2.")
+    special = {1: math.log((n - m + 1) / (n * (m - 1))), 0: -math.log(n)}
+    return -math.log(m - 1), special
 
 
 class EntropyMWS(Estimator):
@@ -102,7 +117,7 @@ class EntropyMWS(Estimator):
     scope = "batch"
     needs = frozenset({"dataset_size"})
 
-    def __init__(self, chunk: int = 256):
+    def __init__(self, chunk: int | None = None):
         super().__init__()
         self.chunk = _chunk(chunk)
 
@@ -126,15 +141,16 @@ class EntropyMSS(Estimator):
     scope = "batch"
     needs = frozenset({"dataset_size"})
 
-    def __init__(self, chunk: int = 256):
+    def __init__(self, chunk: int | None = None):
         super().__init__()
         self.chunk = _chunk(chunk)
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         n = _require_dataset_size(batch, "mss")
-        log_w = mss_log_weights(batch.size, n, device=batch.z.device, dtype=batch.z.dtype)
-        lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale, log_w,
-                                         chunk=self.chunk, diagonal=batch.posterior.log_prob(batch.z))
+        # Circulant weights, not a dense (M, M) matrix: memory stays linear in the batch.
+        lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale,
+                                         chunk=self.chunk, diagonal=batch.posterior.log_prob(batch.z),
+                                         circulant_log_weights=mss_circulant_log_weights(batch.size, n))
         return -lse
 
 
@@ -321,7 +337,7 @@ class InfoNCE(Estimator):
     scope = "batch"
     needs = frozenset({"positives"})  # of the default critic; `encoder` needs none
 
-    def __init__(self, critic: str = "cosine", temperature: float = 0.1, chunk: int = 256):
+    def __init__(self, critic: str = "cosine", temperature: float = 0.1, chunk: int | None = None):
         super().__init__()
         if critic not in CRITICS:
             from elbokit.errors import unknown_name
@@ -348,8 +364,16 @@ class InfoNCE(Estimator):
             lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale,
                                              chunk=self.chunk, diagonal=diag)
         else:
-            s = self.scores(batch)
-            lse, diag = torch.logsumexp(s, dim=1), s.diagonal()
+            if batch.z_pos is None:
+                raise ElbokitError(f"The InfoNCE '{self.critic}' critic needs positives (x_pos) in the batch.")
+            a, b, factor = batch.z, batch.z_pos, 1.0
+            if self.critic == "cosine":
+                a, b, factor = F.normalize(a, dim=-1), F.normalize(b, dim=-1), 1.0 / self.temperature
+            # The positive's score computed directly and put on the diagonal of every block, so
+            # the same number enters both diag and lse; the (K, K) matrix is never kept whole
+            # for large K (see logsumexp_scores).
+            diag = (a * b).sum(-1) * factor
+            lse = logsumexp_scores(a, b, factor, chunk=self.chunk, diagonal=diag)
         # diag - lse <= 0 exactly (lse includes the diagonal), so the value never exceeds log K.
         return math.log(batch.size) + (diag - lse)
 
@@ -367,7 +391,7 @@ class MutualInformationMWS(Estimator):
     scope = "batch"
     needs = frozenset({"dataset_size"})
 
-    def __init__(self, chunk: int = 256):
+    def __init__(self, chunk: int | None = None):
         super().__init__()
         self.entropy = EntropyMWS(chunk=chunk)
 
