@@ -159,7 +159,7 @@ CASES = [
     Case("prior-option-type", [*TRAIN, "--prior", "gmm", "--prior-option", "n_components=abc"], "must be",
          "Option 'n_components' of prior 'gmm' must be int | None, got 'abc'. Valid options: n_components"),
     Case("estimator-option-type", [*TRAIN, "--terms", "ed", "-o", "entropy.chunk=abc"], "must be",
-         "Option 'chunk' of term 'entropy' with estimator 'mws' must be int, got 'abc'"),
+         "Option 'chunk' of term 'entropy' with estimator 'mws' must be int | None, got 'abc'"),
     # -- train: zero, negative and out-of-range numbers --------------------------------
     Case("batch-size-0", [*TRAIN, "--batch-size", "0"], "must be a positive integer", "train.batch_size (--batch-size)"),
     Case("lr-0", [*TRAIN, "--lr", "0"], "must be a positive number", "train.lr (--lr)"),

@@ -29,9 +29,9 @@ def _require_dataset_size(batch: Batch, who: str) -> int:
 
 
 def _chunk(chunk: int | None) -> int | None:
-    """The rows per block of a pairwise log-density (None or 0: blocks of elbokit.ops.BLOCK_PAIRS
+    """The rows per block of a pairwise log-density (None: blocks of elbokit.ops.BLOCK_PAIRS
     pairs, which keeps resident memory linear in the batch); checked when the estimator is built."""
-    if chunk is None or chunk == 0:
+    if chunk is None:
         return None
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive integer (rows per block, e.g. 256), got {chunk}")
