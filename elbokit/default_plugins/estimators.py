@@ -15,8 +15,7 @@ from elbokit.errors import ElbokitError, IncompatibleError
 from elbokit.estimators import Estimator, analytic_kl, has_analytic_kl, kl_to_prior, no_analytic_kl_sentence
 from elbokit.hookspecs import hookimpl
 from elbokit.ops import (LOG_2PI, kth_neighbour_distance, log_unit_ball_volume, logsumexp_gaussian_mixture,
-                         logsumexp_scores,
-                         pairwise_gaussian_log_density)
+                         logsumexp_scores, pairwise_gaussian_log_density)
 from elbokit.priors import Prior
 
 
