@@ -277,29 +277,43 @@ def prior_samples_for(cfg: dict[str, Any], dataset: Any, prior_name: str) -> np.
 
 def check_likelihood_support(cfg: dict[str, Any], splits: dict[str, Any]) -> None:
     """Bernoulli likelihoods are defined only for data in [0, 1], a discretized one only for data
-    on its grid of levels (as the model sees it, after standardisation if on)."""
+    on its grid of levels (as the model sees it, after standardisation if on). Streamed splits
+    are checked a chunk at a time."""
+    from .data import rows_of
+
     recon = cfg["terms"].get("recon", {})
     name = str(recon.get("likelihood", "mse"))
     if name in ("bernoulli", "continuous-bernoulli"):
         for split_name, split in splits.items():
-            outside = ((split.x < 0) | (split.x > 1)).flatten(1).any(dim=1).nonzero()
-            if len(outside):
-                raise ElbokitError(
-                    f"The {name} likelihood needs data in [0, 1], but {split_name} row {int(outside[0])} is outside it "
-                    "(after standardisation, if on); scale the data to [0, 1] with data.standardize = false, "
-                    "or use recon.likelihood=mse or gaussian.")
+            for start, x in rows_of(split.x):
+                outside = ((x < 0) | (x > 1)).flatten(1).any(dim=1).nonzero()
+                if len(outside):
+                    raise ElbokitError(
+                        f"The {name} likelihood needs data in [0, 1], but {split_name} row {start + int(outside[0])} is outside it "
+                        "(after standardisation, if on); scale the data to [0, 1] with data.standardize = \"none\", "
+                        "or use recon.likelihood=mse or gaussian.")
     if name == "discretized":
         levels, low, high = int(recon.get("levels", 256)), float(recon.get("low", 0.0)), float(recon.get("high", 1.0))
         step = (high - low) / (levels - 1) if levels > 1 else 1.0
         for split_name, split in splits.items():
-            k = (split.x.double() - low) / step
-            off = ((k - k.round()).abs() > 1e-4) | (k < -1e-4) | (k > levels - 1 + 1e-4)
-            bad = off.flatten(1).any(dim=1).nonzero()
-            if len(bad):
-                raise ElbokitError(
-                    f"The discretized likelihood needs data on its grid of {levels} levels in [{low:g}, {high:g}], but "
-                    f"{split_name} row {int(bad[0])} is off it (after standardisation, if on); set recon.levels, "
-                    "recon.low and recon.high to the data's grid, with data.standardize = false.")
+            for start, x in rows_of(split.x):
+                k = (x.double() - low) / step
+                off = ((k - k.round()).abs() > 1e-4) | (k < -1e-4) | (k > levels - 1 + 1e-4)
+                bad = off.flatten(1).any(dim=1).nonzero()
+                if len(bad):
+                    raise ElbokitError(
+                        f"The discretized likelihood needs data on its grid of {levels} levels in [{low:g}, {high:g}], but "
+                        f"{split_name} row {start + int(bad[0])} is off it (after standardisation, if on); set recon.levels, "
+                        "recon.low and recon.high to the data's grid, with data.standardize = \"none\".")
+
+
+def standardize_mode(cfg: dict[str, Any], event_shape: tuple[int, ...]) -> str:
+    """`data.standardize` of `cfg` with `auto` decided by the data's shape (`channel` for (C, H,
+    W) examples, `feature` otherwise) and written back, so config.toml records what ran."""
+    mode = cfg["data"]["standardize"]
+    if mode == "auto":
+        mode = cfg["data"]["standardize"] = "channel" if len(event_shape) == 3 else "feature"
+    return mode
 
 
 # -- the whole set ------------------------------------------------------------------------
@@ -318,16 +332,17 @@ def load_data(cfg: dict[str, Any], registry: Any, stored: StoredRun | None = Non
                                f"{', '.join(map(str, candidates))}. Put the file back (the sha256 is checked).")
         source = str(found)
     options = None if from_file else config_mod.dataset_options(cfg)
-    dataset = load_dataset(source, options, seed=dcfg["seed"], registry=registry)
+    dataset = load_dataset(source, options, seed=dcfg["seed"], registry=registry,
+                           max_in_memory_mb=dcfg.get("max_in_memory_mb", config_mod.SCHEMA["data"]["max_in_memory_mb"].default))
     if stored is not None:
         info = stored.data_info
         if len(dataset) != info["n"] or dataset.dim != info["dim"]:
             raise ElbokitError(f"The data '{dcfg['dataset']}' now has shape ({len(dataset)}, {dataset.dim}) but the run "
                                f"was trained on ({info['n']}, {info['dim']}).")
         if info.get("sha256"):
-            from .run import sha256_file
+            from .run import file_unchanged
 
-            if sha256_file(dataset.meta["source"]) != info["sha256"]:
+            if not file_unchanged(dataset.meta["source"], info):
                 raise ElbokitError(f"The data file {dataset.meta['source']} has changed since the run was started (sha256 differs).")
     return dataset
 
@@ -348,8 +363,9 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
         indices, standardizer = stored.indices, stored.standardizer
     else:
         indices = split_indices(len(dataset), dcfg["seed"], tuple(dcfg["split"]))
-        train_x = dataset.x[indices["train"]]
-        standardizer = Standardizer.fit(train_x) if dcfg["standardize"] else Standardizer.identity(dataset.event_shape)
+        # For a streamed dataset a view of the rows, still on disk (read in chunks by fit).
+        train_x = dataset.x.take(indices["train"]) if dataset.streamed else dataset.x[indices["train"]]
+        standardizer = Standardizer.fit(train_x, mode=standardize_mode(cfg, dataset.event_shape))
     splits = {name: make_split(name, dataset, idx, standardizer, device) for name, idx in indices.items() if len(idx)}
     check_likelihood_support(cfg, splits)
 

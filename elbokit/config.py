@@ -156,10 +156,17 @@ def one_of(*choices: str) -> Callable[[str, Any], str]:
     return check
 
 
-def standardize_check(name: str, value: Any) -> bool | str:
-    if value == "auto" or isinstance(value, bool):
+STANDARDIZE_ALIASES = {True: "feature", False: "none"}
+"""`data.standardize = true/false` (configs written before per-channel standardisation)."""
+
+
+def standardize_check(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return STANDARDIZE_ALIASES[value]
+    if value in ("auto", "feature", "channel", "none"):
         return value
-    raise ElbokitError(f"{name} must be true, false or \"auto\", got {value!r}.")
+    raise ElbokitError(f"{name} must be \"feature\", \"channel\", \"none\" or \"auto\" (true and false mean "
+                       f"feature and none), got {value!r}.")
 
 
 def split_check(name: str, value: Any) -> list[float]:
@@ -189,7 +196,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "radius": Key(None, optional_non_negative_float, "std of the positives' noise, x+ = x + N(0, radius^2) (default 0.1)", "--radius"),
         "options": Key({}, table, "other keyword options for a plugin dataset's loader", "--data-option"),
         "split": Key([0.8, 0.1, 0.1], split_check, "train/val/test fractions", None),
-        "standardize": Key("auto", standardize_check, "standardise features on the training split (auto: yes unless the likelihood is bernoulli)", None),
+        "standardize": Key("auto", standardize_check, "standardise on the training split: feature (one mean/std per value of an example), channel (one per image channel), none; auto: none for the bernoulli, continuous-bernoulli and discretized likelihoods, else channel for (C, H, W) data and feature otherwise", None),
+        "max_in_memory_mb": Key(512.0, non_negative_float, "a .npy data file larger than this (MB on disk) is memory-mapped and read in minibatches; smaller files are read whole (0: always memory-map)", None),
     },
     "model": {
         "latent_dim": Key(5, positive_int, "latent dimension L", "--latent-dim"),
@@ -328,7 +336,8 @@ def resolve(file_config: dict[str, Any] | None = None, overrides: dict[str, Any]
     _fill_model_defaults(cfg)
     if cfg["data"]["standardize"] == "auto":
         likelihood = str(cfg["terms"].get("recon", {}).get("likelihood", "mse"))
-        cfg["data"]["standardize"] = likelihood not in PIXEL_LIKELIHOODS
+        if likelihood in PIXEL_LIKELIHOODS:
+            cfg["data"]["standardize"] = "none"  # else decided by the data's shape (elbokit.build)
     return cfg
 
 

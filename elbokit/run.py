@@ -208,11 +208,31 @@ def load_optimizer_state(optimizer: Any, tensors: dict[str, torch.Tensor], meta:
 
 # -- data of a run -----------------------------------------------------------------------
 def sha256_file(path: str | Path) -> str:
+    """The file's sha256, read in 1 MiB chunks (memory does not grow with the file)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_stamp(path: str | Path) -> dict[str, int]:
+    """{"size", "mtime_ns"} of a file: recorded beside its sha256 so that a later check can
+    skip re-hashing a file whose size and modification time are unchanged."""
+    import os
+
+    st = os.stat(path)
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def file_unchanged(path: str | Path, info: dict[str, Any]) -> bool:
+    """True when the data file at `path` is the one `info` (a run's data record) was made from:
+    its size and mtime_ns equal the recorded ones (no reading; what rsync and make trust), or
+    else its sha256 equals the recorded one (hashed in chunks). Records written before size and
+    mtime_ns were kept are always re-hashed."""
+    if "size" in info and "mtime_ns" in info and file_stamp(path) == {"size": info["size"], "mtime_ns": info["mtime_ns"]}:
+        return True
+    return sha256_file(path) == info["sha256"]
 
 
 def save_data_info(run_dir: Path, dataset: Any, indices: dict[str, np.ndarray], standardizer: Any,
@@ -232,7 +252,9 @@ def save_data_info(run_dir: Path, dataset: Any, indices: dict[str, np.ndarray], 
     if info["source"]:
         import os
 
+        stamp = file_stamp(info["source"])
         info["sha256"] = sha256_file(info["source"])
+        info.update(stamp)  # taken before hashing: a file changed while being hashed is re-hashed later
         info["source_abs"] = str(Path(info["source"]).resolve())
         info["source_from_run_dir"] = os.path.relpath(info["source_abs"], Path(final_dir or run_dir).resolve())
     info["crc32"] = tensors_crc32(arrays)

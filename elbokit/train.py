@@ -8,7 +8,9 @@
 Everything that can be wrong with the input (data, sizes, prior samples, term/prior
 compatibility, output directory) is checked by `prepare` BEFORE the run directory is created,
 so a bad command leaves nothing behind. The whole standardised training split lives on the
-device as one tensor and minibatches are drawn with a permutation (no DataLoader); term values
+device as one tensor and minibatches are drawn with a permutation (no DataLoader); a data file
+larger than `data.max_in_memory_mb` is memory-mapped instead and each minibatch of the same
+permutation is read from it (`elbokit.data.StreamedRows`, docs/data.md); term values
 are accumulated as tensors and read once per epoch, so the loop never waits on `.item()`.
 
 Determinism: the model is initialised from `train.seed`; the data order comes from its own
@@ -262,7 +264,7 @@ def validation_metrics(setup: Setup, split: Any, seed: int) -> dict[str, float]:
     has_log_prob = setup.prior.has_log_prob
     devices = [split.x.device] if split.x.device.type == "cuda" else []
     sums = {"recon": 0.0, "kl": 0.0, "loss": 0.0}
-    totals = {k: split.x.new_zeros(()) for k in sums}
+    totals = {k: torch.zeros((), dtype=split.x.dtype, device=split.x.device) for k in sums}  # x may be streamed
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for idx in chunks:

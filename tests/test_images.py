@@ -81,7 +81,7 @@ def test_conv_trains_on_digits_as_images_and_evaluates_with_elbo_below_iwae(run_
     summary = json.loads(res.stdout)
     assert summary["likelihood"] == {"name": "discretized", "units": "nats (probability mass over the levels)"}
     run = load_run(out)
-    assert run.model.event_shape == (1, 8, 8) and run.config["data"]["standardize"] is False
+    assert run.model.event_shape == (1, 8, 8) and run.config["data"]["standardize"] == "none"
     test = run.load_split("test")
     assert tuple(test.x.shape) == (180, 1, 8, 8)
     report = evaluate_run(run, iw_samples=50)
@@ -120,7 +120,7 @@ def test_digits_defaults_no_standardisation_discretized_and_dropped_rows_are_sai
     from elbokit.build import build_components
 
     cfg = config.resolve(overrides={"data": {"dataset": "digits"}})
-    assert cfg["data"]["standardize"] is False and cfg["train"]["batch_size"] == 128
+    assert cfg["data"]["standardize"] == "none" and cfg["train"]["batch_size"] == 128
     assert cfg["terms"]["recon"] == {"likelihood": "discretized", "levels": 17}
     assert cfg["model"]["name"] == "mlp"  # digits stay mlp unless conv is asked for
     # The user's choices win over the dataset's defaults.

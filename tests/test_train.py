@@ -137,7 +137,7 @@ def test_digits_with_bernoulli_is_not_standardised(tmp_path, run_cli):
     from elbokit.run import load_run
 
     run = load_run(tmp_path / "d")
-    assert run.config["data"]["standardize"] is False and np.all(run.standardizer.std == 1)
+    assert run.config["data"]["standardize"] == "none" and np.all(run.standardizer.std == 1)
     assert run.likelihood.name == "bernoulli" and run.data_info["image_shape"] == [1, 8, 8]
     res = run_cli("plot", tmp_path / "d", "--json")
     assert res.exit_code == 0, res.stderr

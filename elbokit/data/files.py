@@ -13,14 +13,18 @@ import numpy as np
 
 from elbokit.errors import ElbokitError
 
-from . import Dataset
+from . import Dataset, RowView
 
 FILE_SUFFIXES = (".npz", ".npy", ".csv")
 
 
-def load_file(path: str | Path) -> Dataset:
+def load_file(path: str | Path, max_in_memory_mb: float | None = None) -> Dataset:
     """Load a user data file: `.npz` (key `x`, optional `x_pos` (same shape) and `z`),
-    `.npy` (the x matrix) or `.csv` (numbers, comma-separated, an optional header row)."""
+    `.npy` (the x matrix) or `.csv` (numbers, comma-separated, an optional header row).
+
+    A `.npy` file larger than `max_in_memory_mb` megabytes (10^6 bytes) on disk is opened
+    memory-mapped (`np.load(mmap_mode="r")`): `x` is then a `RowView` that reads rows on
+    demand, and the checks below read it in chunks (docs/data.md)."""
     path = Path(path)
     if not path.exists():
         raise ElbokitError(f"Data file not found: {path}.")
@@ -33,7 +37,11 @@ def load_file(path: str | Path) -> Dataset:
         if suffix == ".npz":
             ds = _load_npz(path)
         elif suffix == ".npy":
-            ds = Dataset(name=path.stem, x=np.load(path, allow_pickle=False))
+            big = max_in_memory_mb is not None and path.stat().st_size > float(max_in_memory_mb) * 1e6
+            if big:
+                ds = Dataset(name=path.stem, x=RowView(np.load(path, mmap_mode="r", allow_pickle=False)))
+            else:
+                ds = Dataset(name=path.stem, x=np.load(path, allow_pickle=False))
         else:
             ds = Dataset(name=path.stem, x=_load_csv(path))
     except ElbokitError:
@@ -42,7 +50,8 @@ def load_file(path: str | Path) -> Dataset:
         raise ElbokitError(f"Cannot read {path}: permission denied.") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         # np.load raises ValueError for pickled (object) arrays and for truncated files.
-        reason = "it holds Python objects, which elbokit never unpickles" if "allow_pickle" in str(exc) else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        objects = "allow_pickle" in str(exc) or "Python objects" in str(exc)
+        reason = "it holds Python objects, which elbokit never unpickles" if objects else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ElbokitError(f"Cannot read {path} as {suffix[1:]} data: {reason}.") from None
     ds.meta["source"] = str(path)
     return validate(ds, source=str(path))
@@ -95,8 +104,12 @@ def _load_csv(path: Path) -> np.ndarray:
 
 
 def validate(ds: Dataset, source: str | None = None) -> Dataset:
-    """Check shapes and values; return the dataset with float64 arrays. Rows are 0-based."""
+    """Check shapes and values; return the dataset with float64 arrays. Rows are 0-based.
+    A memory-mapped x (`RowView`) is checked in chunks and cast a minibatch at a time when
+    read, never as a whole."""
     where = source or ds.name
+    if isinstance(ds.x, RowView):
+        return _validate_streamed(ds, where)
     x = _numeric(ds.x, "x", where)
     if x.ndim < 2:
         raise ElbokitError(f"{where}: x must be an (n, ...) array of examples, (n, dim) or (n, C, H, W), got shape {x.shape}.")
@@ -123,6 +136,23 @@ def validate(ds: Dataset, source: str | None = None) -> Dataset:
     return ds
 
 
+def _validate_streamed(ds: Dataset, where: str) -> Dataset:
+    """`validate` for a memory-mapped x (a `.npy` file has no x_pos or z)."""
+    x = ds.x
+    if x.array.dtype.kind not in "biuf":
+        raise ElbokitError(f"{where}: x must hold numbers, got dtype {x.array.dtype}.")
+    if x.ndim < 2:
+        raise ElbokitError(f"{where}: x must be an (n, ...) array of examples, (n, dim) or (n, C, H, W), got shape {x.shape}.")
+    if x.shape[0] == 0 or int(np.prod(x.shape[1:])) == 0:
+        raise ElbokitError(f"{where}: the dataset is empty (x has shape {x.shape}); give at least one row and one column.")
+    if x.array.dtype.kind == "f":  # integers are always finite
+        for start, chunk in x.chunks():
+            _finite(chunk, "x", where, first_row=start)
+    if ds.image_shape is None and x.ndim == 4:
+        ds.image_shape = tuple(int(s) for s in x.shape[1:])
+    return ds
+
+
 def _numeric(a, what: str, where: str) -> np.ndarray:
     arr = np.asarray(a)
     if arr.dtype.kind not in "biuf":
@@ -130,11 +160,11 @@ def _numeric(a, what: str, where: str) -> np.ndarray:
     return arr.astype(np.float64, copy=False)
 
 
-def _finite(a: np.ndarray, what: str, where: str) -> None:
+def _finite(a: np.ndarray, what: str, where: str, first_row: int = 0) -> None:
     bad = ~np.isfinite(a)
     if bad.any():
         flat = bad.reshape(a.shape[0], -1).any(axis=1)
-        row = int(np.argmax(flat))
+        row = first_row + int(np.argmax(flat))
         raise ElbokitError(f"{where}: {what} has NaN or Inf in row {row} (0-based); remove or fix that row.")
 
 
