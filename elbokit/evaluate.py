@@ -5,9 +5,10 @@ The training loss is never the metric: a model is scored against its own prior w
 - `elbo`: E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z)), a lower bound on log p(x);
 - `iwae`: log (1/K) sum_k p(x, z_k) / q(z_k|x) with K importance samples (Burda et al. 2016),
   a tighter lower bound: E[elbo] <= E[iwae_K] <= E[iwae_{K+1}] <= log p(x);
-- the ELBO-surgery terms (Hoffman & Johnson 2016) of the exact aggregate posterior of the
+- the ELBO-surgery terms (Hoffman & Johnson 2016) of the aggregate posterior of the
   evaluated set, q(z) = (1/N) sum_n q(z|x_n): KL_x = I_q(x;z) + KL(q(z) || p(z)), and
-  KL(q(z) || p(z)) = -H[q(z)] + H[q(z), p(z)];
+  KL(q(z) || p(z)) = -H[q(z)] + H[q(z), p(z)]; the exact mixture up to SURGERY_EXACT_MAX
+  examples, a subsampled estimate with its standard error above (docs/evaluation.md);
 - `exact_loglik` when the data came from the `gaussian` generator (x ~ N(0, W^T W + s^2 I));
 - the paper's Table II metrics, which are not a bound (docs/design.md section 6).
 
@@ -53,6 +54,15 @@ example (at least 1), so their cost, O(draws x N), stays near 10^4 N pair evalua
 
 SURGERY_BLOCK = 1 << 20
 """(sample, component) pairs per block of the aggregate density: 8 MB of float64 each."""
+
+SURGERY_EXACT_MAX = 10000
+"""Up to this many evaluated examples the aggregate posterior is the exact N-component mixture
+(about 10^4 N pair evaluations, 1.5 s at N = 10^4 on 2 CPU cores); above it the
+subsampled estimator of `aggregate_posterior_terms` runs instead (cost independent of N)."""
+
+SURGERY_COMPONENTS = 4096
+"""Mixture components drawn per evaluation point by the subsampled estimator (besides the
+point's own component): its Jensen bias on log q(z) shrinks as 1 / SURGERY_COMPONENTS."""
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 """Burda et al. (2016): a latent dimension is active if Cov_x(E[z|x]) > 0.01."""
@@ -171,7 +181,8 @@ def importance_sampled_terms(model: Any, prior: Any, likelihood: Any, x: torch.T
     # allocated while the chunk's large temporaries are alive, pins heap pages (glibc) and makes
     # resident memory grow with N.
     names = ["log_lik", "sq_err"] + (["sq_err_original"] if std is not None else []) + (["iwae", "kl"] if has_log_prob else [])
-    out = {name: x.new_empty(n) for name in names}
+    # torch.empty, not x.new_empty: x may be streamed rows of a memory-mapped file (StreamedRows).
+    out = {name: torch.empty(n, dtype=x.dtype, device=x.device) for name in names}
     kl_kind = None
     with _seeded(seed):
         for start in range(0, n, per_chunk):
@@ -253,9 +264,10 @@ def knn_cross_entropy_terms(z: torch.Tensor, prior_samples: torch.Tensor, k: int
 @torch.no_grad()
 def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, prior: Any, *,
                               samples_per_point: int | None = None, seed: int = 0,
-                              n_prior_samples: int = KNN_PRIOR_SAMPLES) -> dict[str, Any]:
-    """Per-example (N,) Monte-Carlo terms of the ELBO surgery with the exact aggregate
-    posterior q(z) = (1/N) sum_m q(z|x_m) of the N given posteriors (diagonal Gaussians):
+                              n_prior_samples: int = KNN_PRIOR_SAMPLES, exact_max: int | None = None,
+                              points: int | None = None, components: int | None = None) -> dict[str, Any]:
+    """Per-point Monte-Carlo terms of the ELBO surgery with the aggregate posterior
+    q(z) = (1/N) sum_m q(z|x_m) of the N given posteriors (diagonal Gaussians):
 
     with z_ns ~ q(z|x_n), s = 1..S, each entry is a mean over s of
     - `mi`: log q(z_ns|x_n) - log q(z_ns)          (mean: I_q(x;z), at most log N)
@@ -265,37 +277,100 @@ def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, prior: Any
     - `kl_mc`: log q(z_ns|x_n) - log p(z_ns) = mi + (cross_entropy - entropy), the Monte-Carlo
       KL_x the identity compares with (None without log_prob).
 
-    S defaults to ceil(SURGERY_DRAWS / N). log q(z) is an exact N-component mixture density,
-    evaluated by `elbokit.ops` (matrix products) in float64 blocks of SURGERY_BLOCK pairs:
-    memory is linear in N.
+    N <= `exact_max`: every point, S = ceil(SURGERY_DRAWS / N), and log q(z) is the exact
+    N-component mixture density, evaluated by `elbokit.ops` (matrix products) in float64
+    blocks of SURGERY_BLOCK pairs: memory linear in N, time O(10^4 N). `points` is None.
+
+    N > `exact_max` (subsampled; cost O(points x components), whatever N): `points` examples
+    drawn uniformly without replacement (their indices are returned as `points`, so the
+    caller pairs them with its own per-example values), S = `samples_per_point` or 1, and
+    q(z_ns) replaced by
+
+        q^(z) = (1/N) [q(z|x_n) + (N - 1)/M sum_{j=1..M} q(z|x_{m_j})],
+
+    m_j drawn uniformly with replacement from the other N - 1 examples, afresh for every
+    point: an unbiased estimate of q(z). Its log is biased low (Jensen), by about
+    Var[q^] / (2 q^2) = O(1/M), so `entropy` and `mi` read slightly high and `marginal_kl`
+    slightly low; keeping the point's own component exactly keeps mi <= log N. Each point has
+    its own components, so the points' terms are independent and the usual standard error
+    over points covers both sources of randomness. Tested against the exact mixture
+    (tests/test_streaming.py).
     """
     n, latent = loc.shape
-    S = int(samples_per_point) if samples_per_point else max(1, math.ceil(SURGERY_DRAWS / n))
+    # None: the module's settings, read now (SURGERY_EXACT_MAX, SURGERY_DRAWS, SURGERY_COMPONENTS).
+    exact_max = SURGERY_EXACT_MAX if exact_max is None else int(exact_max)
+    points = SURGERY_DRAWS if points is None else int(points)
+    components = SURGERY_COMPONENTS if components is None else int(components)
     loc64, scale64 = loc.double(), scale.double()
+    subsample = n > exact_max
     with _seeded(seed):
-        z = loc64 + scale64 * torch.randn(S, n, latent, dtype=torch.float64, device=loc.device)  # (S, N, L)
+        if subsample:
+            S = int(samples_per_point) if samples_per_point else 1
+            pick = torch.randperm(n, device=loc.device)[:min(n, int(points))].sort().values
+            p_loc, p_scale = loc64[pick], scale64[pick]
+        else:
+            S = int(samples_per_point) if samples_per_point else max(1, math.ceil(SURGERY_DRAWS / n))
+            pick, p_loc, p_scale = None, loc64, scale64
+        n_points = p_loc.shape[0]
+        z = p_loc + p_scale * torch.randn(S, n_points, latent, dtype=torch.float64, device=loc.device)  # (S, P, L)
         prior_samples = None
         if not getattr(prior, "has_log_prob", True):
             # Distinct points (a bank prior gives min(n, bank) rows, never duplicates).
             prior_samples = prior.reference_sample(int(n_prior_samples)).double()
+        log_cond = D.Normal(p_loc, p_scale).log_prob(z).sum(-1)  # (S, P): log q(z_ns | x_n)
+        if subsample:
+            log_agg = _subsampled_log_aggregate(z, log_cond, pick, loc64, scale64, int(components))
+        else:
+            log_agg = _exact_log_aggregate(z, loc64, scale64)
+    flat = z.reshape(S * n_points, latent)
+    if prior_samples is not None:
+        xent = knn_cross_entropy_terms(flat, prior_samples).reshape(S, n_points)
+        kl_mc, xent_kind = None, f"knn (k={KNN_K}, {prior_samples.shape[0]} prior samples)"
+    else:
+        log_p = prior.log_prob(flat.to(loc.dtype)).double().reshape(S, n_points)
+        xent, kl_mc, xent_kind = -log_p, (log_cond - log_p).mean(0), "mc"
+    if subsample:
+        how = {"kind": "subsampled", "points": n_points, "samples_per_point": S, "components": int(components),
+               "bias": "log q(z) from an unbiased estimate of q(z): biased low by O(1/components) (Jensen), "
+                       "so aggregate_entropy and mi read slightly high, marginal_kl slightly low"}
+    else:
+        how = {"kind": "exact", "points": n_points, "samples_per_point": S, "components": n}
+    return {"mi": (log_cond - log_agg).mean(0), "entropy": (-log_agg).mean(0),
+            "cross_entropy": xent.mean(0), "kl_mc": kl_mc, "cross_entropy_estimator": xent_kind,
+            "points": pick, "estimator": how}
+
+
+def _exact_log_aggregate(z: torch.Tensor, loc64: torch.Tensor, scale64: torch.Tensor) -> torch.Tensor:
+    """log q(z) = log (1/N) sum_m q(z|x_m) at every z (S, N, L), by matrix products in blocks."""
+    S, n, latent = z.shape
     flat = z.reshape(S * n, latent)
-    log_cond = D.Normal(loc64, scale64).log_prob(z).sum(-1)  # (S, N): log q(z_ns | x_n)
     rows = max(1, SURGERY_BLOCK // n)
     # Written into one preallocated tensor: keeping a list of small per-block results, each
     # allocated while the block's large temporaries were alive, pins those temporaries' heap
     # pages (glibc), and resident memory then grew by a block per block (2 GB at N = 5000).
-    log_agg = torch.empty(S * n, dtype=torch.float64, device=loc.device)
+    log_agg = torch.empty(S * n, dtype=torch.float64, device=z.device)
     for start in range(0, S * n, rows):
         log_agg[start:start + rows] = logsumexp_gaussian_mixture(flat[start:start + rows], loc64, scale64, chunk=rows)
-    log_agg = (log_agg - math.log(n)).reshape(S, n)
-    if prior_samples is not None:
-        xent = knn_cross_entropy_terms(flat, prior_samples).reshape(S, n)
-        kl_mc, xent_kind = None, f"knn (k={KNN_K}, {prior_samples.shape[0]} prior samples)"
-    else:
-        log_p = prior.log_prob(flat.to(loc.dtype)).double().reshape(S, n)
-        xent, kl_mc, xent_kind = -log_p, (log_cond - log_p).mean(0), "mc"
-    return {"mi": (log_cond - log_agg).mean(0), "entropy": (-log_agg).mean(0),
-            "cross_entropy": xent.mean(0), "kl_mc": kl_mc, "cross_entropy_estimator": xent_kind}
+    return (log_agg - math.log(n)).reshape(S, n)
+
+
+def _subsampled_log_aggregate(z: torch.Tensor, log_cond: torch.Tensor, pick: torch.Tensor, loc64: torch.Tensor,
+                              scale64: torch.Tensor, components: int) -> torch.Tensor:
+    """log q^(z) of `aggregate_posterior_terms` (subsampled) at z (S, P, L) drawn from the
+    posteriors of rows `pick` (P,), whose own log-densities are `log_cond` (S, P). Each point
+    gathers its own M components, in blocks of about 2^23 values."""
+    S, P, latent = z.shape
+    n, M = loc64.shape[0], max(1, int(components))
+    block = max(1, (1 << 23) // (S * M * latent))
+    log_rest = torch.empty(S, P, dtype=torch.float64, device=z.device)
+    for start in range(0, P, block):
+        own = pick[start:start + block]  # (b,)
+        draw = torch.randint(0, n - 1, (S, own.shape[0], M), device=z.device)
+        draw = draw + (draw >= own[None, :, None]).long()  # uniform over the other n - 1 rows
+        comp = D.Normal(loc64[draw], scale64[draw])  # (S, b, M, L)
+        log_rest[:, start:start + block] = torch.logsumexp(comp.log_prob(z[:, start:start + block, None, :]).sum(-1), -1)
+    rest = log_rest + math.log(n - 1) - math.log(M)
+    return torch.logaddexp(log_cond, rest) - math.log(n)
 
 
 @torch.no_grad()
@@ -372,8 +447,11 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
     K = int(iw_samples)
     if K <= 0:
         raise ElbokitError(f"--iw-samples must be a positive integer, got {iw_samples}.")
+    from .data import StreamedRows
+
     device, dtype = _device_dtype(model)
-    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(device=device, dtype=dtype)
+    if not isinstance(x, StreamedRows):  # streamed rows are read a chunk at a time by every pass below
+        x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(device=device, dtype=dtype)
     if x.ndim < 2 or x.shape[0] < 2:
         raise ElbokitError(f"Evaluation needs at least 2 examples as an (N, D) or (N, C, H, W) array, got shape {tuple(x.shape)}.")
     n = int(x.shape[0])
@@ -415,6 +493,7 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
 
     put("mi", surgery["mi"])
     report["mi_max"] = math.log(n)  # I_q(x;z) of an N-point mixture is at most log N
+    report["aggregate_estimator"] = surgery["estimator"]
     put("aggregate_entropy", surgery["entropy"])
     put("aggregate_cross_entropy", surgery["cross_entropy"])
     report["aggregate_cross_entropy_estimator"] = surgery["cross_entropy_estimator"]
@@ -422,7 +501,8 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
     if iw["kl"] is not None and surgery["kl_mc"] is not None:
         # kl - (mi + marginal_kl) = kl - kl_mc per example: zero in expectation; the SE is the
         # Monte-Carlo error of the surgery terms (and of kl when that is itself MC).
-        put("identity_gap", iw["kl"].double() - surgery["kl_mc"])
+        kl_points = iw["kl"] if surgery["points"] is None else iw["kl"][surgery["points"].to(iw["kl"].device)]
+        put("identity_gap", kl_points.double() - surgery["kl_mc"])
     else:
         put("identity_gap", None, reason=no_density)
 
@@ -441,7 +521,7 @@ def evaluate_model(model: Any, prior: Any, likelihood: Any, x: Any, *, z_true: A
     report["latent_r2_method"] = ("5-fold cross-validated linear least squares from E[z|x] to the true z on the "
                                   "evaluated set; R^2 averaged over true latent dimensions")
 
-    if _is_gaussian_generator(meta):
+    if _is_gaussian_generator(meta) and not isinstance(x, StreamedRows):
         x_orig = x.double().cpu().numpy()
         if standardizer is not None:
             x_orig = standardizer.inverse(x_orig)
@@ -476,8 +556,25 @@ def evaluate_run(run: Any, split: str = "test", data: Any = None, iw_samples: in
     """`evaluate_model` for a run loaded by `elbokit.run.load_run`, on its `split` or on `data`
     (an `elbokit.data.Dataset` in original units, standardised here with the run's
     standardiser). The trainer stores the result in summary.json."""
-    dataset = data if data is not None else _run_split(run, split)
+    part = _run_split(run, split) if data is None else None
+    dataset = data if data is not None else getattr(part, "data", part)
     standardizer = getattr(run, "standardizer", None)
+    streamed = part.x if getattr(part, "streamed", False) else None
+    if streamed is None and getattr(dataset, "streamed", False):
+        from .data import Standardizer, StreamedRows
+
+        streamed = StreamedRows(dataset.x, standardizer or Standardizer.identity(dataset.event_shape), run.device)
+    if streamed is not None:  # a memory-mapped file: its standardised rows, read as needed
+        expected = getattr(run.model, "event_shape", None)
+        if expected is not None and tuple(streamed.shape[1:]) != tuple(expected):
+            raise ElbokitError(f"The data to evaluate have examples of shape {tuple(streamed.shape[1:])}, but the model "
+                               f"takes examples of shape {tuple(expected)}.")
+        report = evaluate_model(run.model, run.prior, run.likelihood, streamed, z_true=None,
+                                meta=getattr(dataset, "meta", None), standardizer=standardizer,
+                                iw_samples=iw_samples, seed=seed, chunk=chunk, progress=progress, check_cost=check_cost)
+        report["split"] = split if data is None else None
+        report["data"] = getattr(dataset, "name", None)
+        return report
     x = np.asarray(dataset.x, dtype=np.float64)
     expected = getattr(run.model, "event_shape", None)
     if expected is None and getattr(run.model, "data_dim", None) is not None:
@@ -499,9 +596,8 @@ def evaluate_run(run: Any, split: str = "test", data: Any = None, iw_samples: in
 
 
 def _run_split(run: Any, split: str):
-    """The run's `split` as a Dataset in original units (`Run.load_split(name).data`)."""
+    """The run's `split` (`Run.load_split(name)`: `.data` in original units, `.x` standardised)."""
     load = getattr(run, "load_split", None)
     if not callable(load):
         raise ElbokitError("This run cannot load its data splits; give the data to evaluate explicitly (--data).")
-    part = load(split)
-    return getattr(part, "data", part)
+    return load(split)

@@ -15,7 +15,7 @@ from elbokit import metrics
 ROOT = Path(__file__).resolve().parents[1]
 # Report fields that are settings or descriptions, not metrics.
 REPORT_INFO = {"n", "iw_samples", "seed", "mi_max", "latent_dim", "seconds", "split", "data", "run_dir",
-               "checkpoint", "kl_estimator", "aggregate_cross_entropy_estimator", "latent_r2_method", "units",
+               "checkpoint", "kl_estimator", "aggregate_cross_entropy_estimator", "aggregate_estimator", "latent_r2_method", "units",
                "bounds", "unavailable", "notes"}
 
 
