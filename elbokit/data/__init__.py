@@ -61,7 +61,7 @@ class Dataset:
         """The rows `indices` (x, x_pos, z); meta and image_shape are shared. For a streamed
         dataset the rows stay on disk (a `RowView` of them)."""
         pick = lambda a: None if a is None else a.take(indices) if isinstance(a, RowView) else a[indices]  # noqa: E731
-        return Dataset(self.name, self.x[indices], pick(self.x_pos), pick(self.z), self.meta,
+        return Dataset(self.name, pick(self.x), pick(self.x_pos), pick(self.z), self.meta,
                        self.image_shape, self.sample_latents)
 
 
