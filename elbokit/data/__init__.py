@@ -69,9 +69,10 @@ STANDARDIZE_MODES = ("feature", "channel", "none")
 """`data.standardize`: one mean/std per value of an example (`feature`), per channel of (C, H,
 W) images (`channel`), or none. `true`/`false` in older configs mean `feature`/`none`."""
 
-CHUNK_VALUES = 1 << 22
+CHUNK_VALUES = 1 << 20
 """Values (not rows) read at once by the passes over a whole memory-mapped array (moments,
-finiteness): 32 MB of float64 per chunk, whatever the shape of an example."""
+finiteness, likelihood support): 8 MB of float64 per chunk, whatever the shape of an example
+(a pass makes a few temporaries of that size; larger chunks are no faster from the page cache)."""
 
 
 def chunk_rows(event_size: int, values: int = CHUNK_VALUES) -> int:
@@ -283,7 +284,11 @@ class StreamedRows:
     def __getitem__(self, index: Any):
         import torch
 
-        return torch.as_tensor(self.standardizer.transform(self.rows[index]), dtype=torch.float32, device=self.device)
+        x = self.rows[index]  # a fresh float64 array: standardised in place, no temporaries
+        mean, std = self.standardizer._params(x)
+        np.subtract(x, mean, out=x)
+        np.divide(x, std, out=x)  # the very operations of Standardizer.transform, so the same bits
+        return torch.as_tensor(x, dtype=torch.float32, device=self.device)
 
 
 def rows_of(x: Any, chunk: int | None = None):
