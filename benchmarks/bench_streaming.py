@@ -34,7 +34,6 @@ def per_batch(fn, perm, batch, steps):
 
 def main() -> None:
     from elbokit.data import RowView, Standardizer, StreamedRows
-    from elbokit.models.vae import VAE  # noqa: F401  (the paper's model, via the registry below)
     from elbokit import config
     from elbokit.build import build_model
 
