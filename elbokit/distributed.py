@@ -167,20 +167,22 @@ class GlobalBatch:
                      x_recon=out.get("x_recon"), x_pos=out.get("x_pos"), posterior_pos=posterior_pos,
                      z_pos=out.get("z_pos"), dataset_size=batch.dataset_size)
 
-    def evaluate(self, objective: Any, batch: Batch) -> dict[str, torch.Tensor]:
-        """Each term's per-example contributions for this process's rows, shape (b,): per-example
-        terms on `batch`, batch-wide ones on the global batch (gathered once, if any needs it)."""
+    def evaluate(self, objective: Any, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each term's per-example (value, loss) for this process's rows, shape (b,) each (see
+        `ElboTerm.contributions`): per-example terms on `batch`, batch-wide ones on the global
+        batch (gathered once, if any needs it)."""
         own = slice(self.rank * batch.size, (self.rank + 1) * batch.size)
         global_batch: Batch | None = None
-        per_term: dict[str, torch.Tensor] = {}
+        per_term: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, term in objective.terms.items():
             if term.batch_scope() == "example":
-                per_term[name] = term(batch, objective.prior)
+                per_term[name] = term.contributions(batch, objective.prior)
                 continue
             if global_batch is None:
                 global_batch = self.gather(batch)
             with self._shared_random_stream():
-                per_term[name] = term(global_batch, objective.prior)[own]
+                value, loss = term.contributions(global_batch, objective.prior)
+                per_term[name] = (value[own], loss[own])
         return per_term
 
 

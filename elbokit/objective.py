@@ -66,7 +66,8 @@ def parse_terms(spec: str | Sequence[str]) -> list[tuple[str, float]]:
 @dataclass
 class ObjectiveOutput:
     """The differentiable `loss` (scalar) and, for reporting, each term's batch mean
-    (unweighted, detached) and the per-example total (detached)."""
+    (unweighted, detached: its reported value, the true one even where the term optimises a
+    surrogate such as the kl term's free bits) and the per-example total loss (detached)."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
@@ -197,9 +198,9 @@ class Objective(nn.Module):
         if self.global_batch is not None:  # several processes: see elbokit.distributed
             per_term = self.global_batch.evaluate(self, batch)
         else:
-            per_term = {name: term(batch, self.prior) for name, term in self.terms.items()}
-        for name, per_example in per_term.items():
-            values[name] = per_example.detach().mean()
+            per_term = {name: term.contributions(batch, self.prior) for name, term in self.terms.items()}
+        for name, (value, per_example) in per_term.items():
+            values[name] = value.detach().mean()  # the reported value (see ElboTerm.contributions)
             total = total + self.effective_weight(name) * per_example
         return ObjectiveOutput(loss=total.mean(), terms=values, per_example=total.detach())
 

@@ -50,6 +50,15 @@ class ElboTerm(nn.Module):
         """None if this term can use `prior`, else one sentence saying why not."""
         return self.estimator.check_prior(prior) if self.estimator is not None else None
 
+    def contributions(self, batch: Batch, prior: Prior) -> tuple[torch.Tensor, torch.Tensor]:
+        """(value, loss) per example, both shape (B,): `value` is what logs, metrics.jsonl and
+        the summary report (this term's `forward`), `loss` what the objective weights and
+        optimises. They are one tensor for a term that optimises what it reports; a term with a
+        surrogate loss (the kl term's free bits) overrides this, so that the reported number
+        stays the true one (as pyro keeps the differentiable loss apart from the reported value)."""
+        value = self(batch, prior)
+        return value, value
+
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         if self.estimator is None:
             raise NotImplementedError(f"Term '{self.name}' has no estimator and no forward.")

@@ -620,6 +620,7 @@ class Trainer:
                     self._restore(s.resume_from)
                     run.read_metrics()  # a damaged metrics.jsonl is refused before anything is written
                     run.begin_writing()
+                    self._record_status(None, run)  # running again: how it ended before no longer holds
                     if s.resume_action == "extend":
                         self.state["bad_epochs"] = 0  # a larger budget: patience counts again from here
                     run.truncate_metrics(self.state["epoch"])
@@ -704,20 +705,32 @@ class Trainer:
                     self.reporter.epoch(record)
                 if self._written_epoch != self.state["epoch"] or self._pending_best is not None:
                     self._write_checkpoints()
-        except TrainingDiverged:
+        except TrainingDiverged as exc:
             self._end_mlflow("FAILED")
             # The model is no longer finite: keep the last checkpoint on disk, but write a best
             # reached since (it was serialised when it was reached, from a finite model).
             if self._pending_best is not None:
                 self.run.write_checkpoint("best", self._pending_best)
+            self._record_status("diverged", reason=str(exc).splitlines()[0], epoch=self.state["epoch"] + 1,
+                                kept_epoch=self._written_epoch)
             if self.group is not None:
                 self.group.barrier()
             raise
+        except TrainingInterrupted as exc:
+            self._end_mlflow("KILLED")
+            self._record_status("interrupted", reason=str(exc), epoch=exc.epoch, step_in_epoch=exc.step_in_epoch,
+                                signal=exc.signum)
+            raise
         except KeyboardInterrupt:
             self._end_mlflow("KILLED")
+            self._record_status("interrupted", reason=f"Interrupted after epoch {self.state['epoch']}.",
+                                epoch=self.state["epoch"], step_in_epoch=0, signal=None)
             raise TrainingInterrupted(s.run_dir, self.state["epoch"]) from None
-        except BaseException:
+        except BaseException as exc:
             self._end_mlflow("KILLED")
+            if not isinstance(exc, OSError):  # a failing disk would not take the record either
+                self._record_status("stopped", reason=(str(exc).splitlines() or [type(exc).__name__])[0]
+                                    or type(exc).__name__, epoch=self.state["epoch"])
             raise
         finally:
             self.reporter.stop()
@@ -934,7 +947,30 @@ class Trainer:
         if test is not None:
             summary["test"] = test
         self.run.write_summary(summary)
+        self._record_status(None)
         return summary
+
+    def _record_status(self, status: str | None, run: Any = None, reason: str = "", **extra: Any) -> None:
+        """Record in run.json how the run ended other than by finishing (`elbokit runs list`
+        shows it: elbokit.runs.status_record), or with None clear that record (the run was
+        resumed or has finished). Best effort on the way out of a failed run: the error that
+        ended it is what the user must see, not a second one about run.json."""
+        from .runs import status_record
+
+        run = run if run is not None else self.run
+        if not isinstance(run, run_mod.RunDir) or not run.locked:  # processes other than 0 write nothing
+            return
+        try:
+            meta = run.read_metadata() or {}
+            if status is None:
+                if "status" in meta:
+                    meta.pop("status")
+                    run.write_metadata(meta)
+                return
+            run.write_metadata({**meta, "status": status_record(status, reason, **extra)})
+        except (OSError, ElbokitError):
+            if status is None:
+                raise  # resuming or finishing: a run.json that cannot be written is the OS error it is
 
     def _evaluate_test(self) -> dict[str, Any] | None:
         """The best checkpoint on the test split, through `elbokit.evaluate.evaluate_run`

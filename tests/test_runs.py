@@ -56,17 +56,61 @@ def test_runs_list_tells_each_status_apart(runs_dir, run_cli):
     interrupted = rows["interrupted"]
     assert interrupted["status"] == "interrupted" and "step 2 of epoch 2" in interrupted["status_detail"]
     assert interrupted["epochs"] == 1 and interrupted["test_elbo"] is None
-    # A diverged run leaves its last good checkpoint and no summary; until the loop records why
-    # it ended, that is all the files say.
-    assert rows["diverged"]["status"] == "stopped" and rows["diverged"]["best_val"] is None
+    # A diverged run leaves its last good checkpoint and no summary; the loop records why it
+    # ended in run.json, with the epoch it diverged in and the epoch of the checkpoint it kept.
+    diverged = rows["diverged"]
+    assert diverged["status"] == "diverged" and diverged["best_val"] is None
+    assert diverged["status_detail"].startswith("Training diverged: ") and "(epoch 1)" in diverged["status_detail"]
+    recorded = json.loads((runs_dir / "diverged" / "run.json").read_text())["status"]
+    assert recorded["epoch"] == 1 and recorded["kept_epoch"] == 0
+    recorded = json.loads((runs_dir / "interrupted" / "run.json").read_text())["status"]
+    assert recorded == {"status": "interrupted", "reason": "Interrupted at step 2 of epoch 2.", "epoch": 1,
+                        "step_in_epoch": 2, "signal": 2}
     assert rows["grid/cell-0"]["status"] == "finished" and rows["grid/cell-0"]["seed"] == 1
+    assert "status" not in json.loads((runs_dir / "finished" / "run.json").read_text())
 
-    # What the training loop records in run.json when it diverges (under the run's lock).
-    with RunDir.open(runs_dir / "diverged") as run:
-        meta = run.read_metadata()
-        run.write_metadata({**meta, "status": status_record("diverged", "Training diverged: term 'recon' ...")})
-    rows = _by_name(json.loads(run_cli("runs", "list", runs_dir, "--json").stdout))
-    assert rows["diverged"]["status"] == "diverged" and "Training diverged" in rows["diverged"]["status_detail"]
+
+def test_a_resumed_run_clears_its_recorded_status(runs_dir, tmp_path):
+    """Resuming clears how the run ended before; finishing leaves it finished."""
+    from elbokit.cli import main
+    from elbokit.runs import run_info, status_record
+
+    run = tmp_path / "interrupted"
+    shutil.copytree(runs_dir / "interrupted", run)
+    assert main(["train", "--resume", str(run), "-q"]) == 0
+    assert "status" not in json.loads((run / "run.json").read_text())
+    assert run_info(run)["status"] == "finished" and run_info(run)["epochs"] == 3
+    # A finished run extended by a resume starts from a clean record too.
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "status": status_record("stopped", "by hand")}))
+    assert run_info(run)["status"] == "stopped"
+    assert main(["train", "--resume", str(run), "--max-epochs", "4", "-q"]) == 0
+    assert run_info(run)["status"] == "finished" and run_info(run)["epochs"] == 4
+
+
+def test_a_keyboard_interrupt_from_code_is_recorded(tmp_path):
+    """A KeyboardInterrupt raised by code (or a second Ctrl-C) stops at once: recorded too."""
+    from elbokit import config
+    from elbokit.runs import run_info
+    from elbokit.train import SilentReporter, TrainingInterrupted, train
+
+    class InterruptInEpoch2(SilentReporter):
+        steps = 0
+
+        def step(self):
+            self.steps += 1
+            if self.steps == STEPS_PER_EPOCH + 1:
+                raise KeyboardInterrupt
+
+    cfg = config.resolve(overrides={
+        "data": {"dataset": "gaussian", "n": 300}, "model": {"hidden": [16]},
+        "train": {"max_epochs": 3, "patience": 50, "batch_size": 64, "evaluate": False},
+        "output": {"out": str(tmp_path / "run")}})
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, reporter=InterruptInEpoch2())
+    info = run_info(tmp_path / "run")
+    assert info["status"] == "interrupted" and info["status_detail"] == "Interrupted after epoch 1."
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"]["signal"] is None
 
 
 def test_a_live_lock_is_running_and_a_released_one_is_not(runs_dir, run_cli):
