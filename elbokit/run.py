@@ -357,31 +357,64 @@ def _holder_text(raw: bytes) -> str:
         return "a process whose pid is not recorded yet"
 
 
-def _lock(path: Path) -> int:
+def _lock(path: Path) -> tuple[int, bool]:
     """Take the exclusive advisory lock on `path` (created if missing) without waiting; return
     the open descriptor, which holds the lock until it is closed. flock, not lockf: a POSIX
     record lock is dropped when ANY descriptor of the file in the process is closed (e.g. by a
     reader of the same file), a flock only with this one. The kernel releases it when the
     process dies, so a SIGKILL never leaves a stale lock. The holder is recorded in the file by
-    `_record_holder` once the process starts writing (so a refused command changes nothing)."""
+    `_record_holder` once the process starts writing (so a refused command changes nothing).
+    Returns the descriptor and whether this call created the file (`RunDir.close` removes a
+    lock file it created for a command refused before writing, see `_unlink_own_lock`)."""
     import fcntl
     import os
 
     from .io import _FILE_MODE
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    while True:
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, _FILE_MODE), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:  # removed between the two calls: create it again
+                continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise RunDirLocked(f"{path.parent} is being written by another process ({holder}); wait for it to "
+                               "finish or stop it, then try again.") from None
+        except OSError as exc:
+            os.close(fd)
+            if created:
+                path.unlink(missing_ok=True)
+            raise ElbokitError(f"Cannot lock {path}: {exc.strerror or exc}; the filesystem does not support file "
+                               "locks (on Lustre, mount with -o flock; see docs/training.md).") from None
+        # The lock counts only on the file that is at `path` now: a refused process removes the
+        # lock file it created (holding its lock), so one that opened it just before may hold a
+        # lock on a file no longer there. Then try again on the current one.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, created
+        os.close(fd)
+
+
+def _unlink_own_lock(path: Path, fd: int) -> None:
+    """Remove the lock file `path` this process created and still locks (fd), before releasing
+    it: a command refused under the lock leaves the directory as it found it. Another process
+    waiting on the removed file sees it is gone (see `_lock`) and locks a new one."""
+    import os
+
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder_text(os.pread(fd, 4096, 0))
-        os.close(fd)
-        raise RunDirLocked(f"{path.parent} is being written by another process ({holder}); wait for it to "
-                           "finish or stop it, then try again.") from None
-    except OSError as exc:
-        os.close(fd)
-        raise ElbokitError(f"Cannot lock {path}: {exc.strerror or exc}; the filesystem does not support file locks "
-                           "(on Lustre, mount with -o flock; see docs/training.md).") from None
-    return fd
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            path.unlink()
+    except OSError:
+        pass  # not ours any more, or the directory is not writable: the file means nothing unlocked
 
 
 def _record_holder(fd: int) -> None:
@@ -519,6 +552,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._created_lock = False  # `open` created the lock file and nothing was written yet
 
     # -- paths ---------------------------------------------------------------------------
     def checkpoint_path(self, which: str) -> Path:
@@ -601,7 +635,7 @@ class RunDir:
         staging = make_temporary_dir(path)
         run = cls(staging)
         try:
-            run._lock_fd = _lock(run.lock_path)
+            run._lock_fd, _ = _lock(run.lock_path)
             _record_holder(run._lock_fd)
             (staging / "checkpoints").mkdir()
             write_config(staging, config)
@@ -636,7 +670,7 @@ class RunDir:
         lock can still refuse the command without a trace."""
         run = cls(path)
         run.read_config()  # one clear line when it is not a run directory at all
-        run._lock_fd = _lock(run.lock_path)
+        run._lock_fd, run._created_lock = _lock(run.lock_path)
         return run
 
     def begin_writing(self) -> None:
@@ -646,15 +680,21 @@ class RunDir:
 
         self._check_writer()
         _record_holder(self._lock_fd)
+        self._created_lock = False  # written under it: the lock file stays, as in every run directory
         for directory in (self.path, self.path / "checkpoints"):
             remove_temporaries(directory)
 
     def close(self) -> None:
-        """Release the lock (the lock file stays; holding it is what counts)."""
+        """Release the lock (the lock file stays; holding it is what counts), except that a lock
+        file `open` created is removed when nothing was written (`begin_writing` never called):
+        a refused command leaves a run directory without one (an older layout) as it was."""
         import os
 
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
+            if self._created_lock:
+                self._created_lock = False
+                _unlink_own_lock(self.lock_path, fd)
             os.close(fd)
 
     def __enter__(self) -> "RunDir":
@@ -666,6 +706,7 @@ class RunDir:
     def _check_writer(self) -> None:
         if self._lock_fd is None:
             raise RuntimeError(f"{self.path} is open for reading only; use RunDir.open or RunDir.create to write")
+        self._created_lock = False  # about to write: the lock file stays (see close)
 
     def write_config(self, cfg: dict[str, Any]) -> None:
         self._check_writer()

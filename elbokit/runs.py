@@ -11,7 +11,9 @@ Status of a run:
   run directory takes while it writes; the kernel drops it when the process dies, so a killed
   run is never shown as running);
 - `diverged`, `interrupted`, `stopped`: as recorded in run.json's `status` by the training
-  loop (see `status_record`);
+  loop (`elbokit.train.Trainer._record_status`, through `status_record`) when it stops on a
+  divergence, on Ctrl-C/SIGTERM or on another error; it removes the record when the run is
+  resumed and when it finishes;
 - `finished`: summary.json exists (the loop wrote it at the end);
 - `interrupted`: the last checkpoint was saved in the middle of an epoch (Ctrl-C or SIGTERM);
 - `stopped`: none of these: the process ended without finishing and without saying why

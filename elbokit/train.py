@@ -615,7 +615,11 @@ class Trainer:
                     if s.resume_action == "extend":
                         self.state["bad_epochs"] = 0
                     return NoWrites()
-                run = self.run if self.run is not None else run_mod.RunDir.open(s.run_dir)
+                try:
+                    run = self.run if self.run is not None else run_mod.RunDir.open(s.run_dir)
+                except OSError as exc:  # e.g. no lock file yet (an older layout) in a directory we may not write
+                    kept = run_mod.read_checkpoint(s.resume_from)[1]["epoch"]
+                    raise RunWriteFailed(s.run_dir, kept, exc) from None
                 try:
                     self._restore(s.resume_from)
                     run.read_metrics()  # a damaged metrics.jsonl is refused before anything is written

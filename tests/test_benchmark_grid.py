@@ -191,6 +191,14 @@ train = {lr = 1e5}
     assert rows["diverges"]["status"] == "diverged"
     assert rows["diverges"]["error"].startswith("Training diverged: ")
     assert "raises-gaussian-classic-standard-normal-s0" in (tmp_path / "out" / "summary.md").read_text()
+    # The cells' run directories read the same in `elbokit runs list` (the one that raised
+    # was refused before its run directory was created).
+    listed = json.loads(run_cli("runs", "list", tmp_path / "out", "--json").stdout)
+    status = {r["path"].split("/")[-1].split("-")[0]: r for r in listed}
+    assert set(status) == {"fine", "diverges"}
+    assert status["fine"]["status"] == "finished"
+    assert status["diverges"]["status"] == "diverged"
+    assert status["diverges"]["status_detail"] == rows["diverges"]["error"]
 
 
 def test_ray_executor_gives_the_local_numbers(tmp_path, reference, run_cli):
