@@ -54,8 +54,13 @@ def generate(
 
 @data_app.command("list")
 @handle_errors
-def list_datasets(json_output: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
-    """List the registered datasets (built-in and from plugins)."""
+def list_datasets(name: Optional[str] = typer.Argument(None, help="A dataset's name (e.g. gaussian): show its options and an example."),
+                  json_output: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+    """List the registered datasets (built-in and from plugins), or show one: elbokit data list NAME."""
+    if name is not None:
+        from .listing import show_detail
+
+        return show_detail("dataset", name, json_output)
     reg = registry()
     rows = [{"name": name, "description": e.description, "plugin": e.plugin} for name, e in reg.datasets.items()]
     if json_output:

@@ -28,6 +28,12 @@ def digits(radius: float = 0.1, seed: int = 0):
     return load_digits(radius=radius, seed=seed)
 
 
+SYNTHETIC_HELP = {"n": "rows to generate", "data_dim": "data dimension D", "latent_dim": "true latent dimension L",
+                  "noise_std": "observation noise: x = z W + N(0, noise_std^2)",
+                  "radius": "positives: x+ = x + N(0, radius^2)"}
+gaussian.option_help = mixture.option_help = SYNTHETIC_HELP
+digits.option_help = {"radius": "std of the pixel jitter of the positives (clipped to [0, 1])"}
+
 # A dataset's own defaults (a partial config under the user's config and options): digits are
 # 17-level images in [0, 1], so the discretized likelihood on that grid with no standardisation
 # (standardising near-constant border pixels adds a large log-Jacobian to every bound), and a

@@ -27,6 +27,10 @@ def _require_dataset_size(batch: Batch, who: str) -> int:
     return batch.dataset_size
 
 
+CHUNK_HELP = ("rows per block of the pairwise log-density (unset: blocks sized to keep memory linear in the "
+              "batch); changes memory and speed, not the value")
+
+
 def _chunk(chunk: int | None) -> int | None:
     """The rows per block of a pairwise log-density (None: blocks of elbokit.ops.BLOCK_PAIRS
     pairs, which keeps resident memory linear in the batch); checked when the estimator is built."""
@@ -113,6 +117,7 @@ class EntropyMWS(Estimator):
     """Minibatch weighted sampling: log q^(z_i) = logsumexp_j log q(z_i|x_j) - log(N M)."""
 
     quantity, name = "entropy", "mws"
+    option_help = {"chunk": CHUNK_HELP}
     scope = "batch"
     needs = frozenset({"dataset_size"})
 
@@ -137,6 +142,7 @@ class EntropyMSS(Estimator):
     """Minibatch stratified sampling: log q^(z_i) = logsumexp_j (log w_ij + log q(z_i|x_j))."""
 
     quantity, name = "entropy", "mss"
+    option_help = {"chunk": CHUNK_HELP}
     scope = "batch"
     needs = frozenset({"dataset_size"})
 
@@ -165,6 +171,7 @@ class EntropyGaussian(Estimator):
     """
 
     quantity, name, kind = "entropy", "gaussian", "estimate"
+    option_help = {"jitter": "added to the diagonal of the sample covariance before its log-determinant"}
     scope = "batch"
 
     def __init__(self, jitter: float = 1e-6):
@@ -196,6 +203,7 @@ class EntropyKNN(Estimator):
     """Kozachenko-Leonenko k-nearest-neighbour entropy of the batch's z; needs no density."""
 
     quantity, name = "entropy", "knn"
+    option_help = {"k": "the neighbour whose distance is used (k >= 1, less than the batch size)"}
     scope = "batch"
 
     def __init__(self, k: int = 3):
@@ -269,6 +277,8 @@ class CrossEntropyKNN(Estimator):
     """k-NN cross-entropy to prior samples: psi(Mp) - psi(k) + log c_d + d log rho_k(z_i); biased (docs/design.md)."""
 
     quantity, name = "cross_entropy", "knn"
+    option_help = {"k": "the neighbour whose distance is used (k >= 1)",
+                   "n_prior": "prior samples drawn as the reference set (more than k)"}
     scope = "batch"
     needs = frozenset({"prior_samples"})
 
@@ -298,6 +308,8 @@ class CrossEntropyAuto(Estimator):
     """analytic where there is a closed form (standard-normal), else mc for priors with log_prob, else knn."""
 
     quantity, name = "cross_entropy", "auto"
+    option_help = {"k": "the k-NN fallback (priors without log_prob): the neighbour whose distance is used",
+                   "n_prior": "the k-NN fallback: prior samples drawn as the reference set (more than k)"}
     scope = "batch"  # its knn fallback is; analytic and mc are per-example
 
     def __init__(self, k: int = 3, n_prior: int = 2048):
@@ -333,6 +345,10 @@ class InfoNCE(Estimator):
     """
 
     quantity, name, kind = "mi", "infonce", "lower bound"
+    option_help = {"critic": "the score of a pair: cosine (cosine similarity / temperature), dot (z . z+) or "
+                             "encoder (log q(z_i|x_j); needs no positives)",
+                   "temperature": "divides the cosine critic's scores (> 0)",
+                   "chunk": CHUNK_HELP}
     scope = "batch"
     needs = frozenset({"positives"})  # of the default critic; `encoder` needs none
 
@@ -387,6 +403,7 @@ class MutualInformationMWS(Estimator):
     """
 
     quantity, name = "mi", "mws"
+    option_help = {"chunk": CHUNK_HELP}
     scope = "batch"
     needs = frozenset({"dataset_size"})
 

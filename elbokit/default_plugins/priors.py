@@ -54,6 +54,9 @@ class GMMPrior(Prior):
 
     name = "gmm"
     needs_samples = True
+    option_help = {"n_components": "mixture components; 0 (or unset) chooses by BIC over 1..max_components",
+                   "max_components": "the most components the BIC choice tries",
+                   "seed": "seed of scikit-learn's fit"}
 
     def __init__(self, dim: int | None = None, samples: Any = None, n_components: int | None = 3,
                  max_components: int = 8, seed: int = 0):
@@ -131,6 +134,8 @@ class SamplePrior(Prior):
     name = "samples"
     has_log_prob = False
     needs_samples = True
+    option_help = {"n_bank": "the bank size of a prior rebuilt from a checkpoint (filled in by elbokit; "
+                             "with --prior-samples the bank is the file's rows)"}
 
     def __init__(self, dim: int | None = None, samples: Any = None, n_bank: int | None = None):
         if samples is None and dim is None:

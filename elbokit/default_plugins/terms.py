@@ -29,6 +29,11 @@ class Reconstruction(ElboTerm):
 
     name = "recon"
     needs = frozenset({"x_recon"})
+    option_help = {"likelihood": "p(x|z): mse, gaussian (a learned scale per dimension), bernoulli, "
+                                 "continuous-bernoulli or discretized (a discretized logistic)",
+                   "levels": "discretized: the number of levels of the grid (unset: 256)",
+                   "low": "discretized: the lowest level (unset: 0)",
+                   "high": "discretized: the highest level (unset: 1)"}
     scope = "example"
 
     def __init__(self, likelihood: str = "mse", data_dim: Any = None, levels: int | None = None,

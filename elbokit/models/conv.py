@@ -24,6 +24,8 @@ class ConvVAE(Model):
 
     name = "conv"
     event_ndims = (3,)
+    option_help = {"channels": "output channels of each stride-2 convolution (each halves the height and width)",
+                   "hidden": "width of the linear layer between the feature map and the code"}
 
     def __init__(self, event_shape: Sequence[int], latent_dim: int = 5, channels: Sequence[int] = (32, 64),
                  hidden: int = 256):

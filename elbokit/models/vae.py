@@ -38,6 +38,7 @@ class MLP(Model):
     reshaped to the example's shape. Option: `hidden` (default [400, 400])."""
 
     name = "mlp"
+    option_help = {"hidden": "hidden layer sizes of the encoder (the decoder mirrors them)"}
 
     def __init__(self, event_shape: int | Sequence[int], latent_dim: int = 5, hidden: Sequence[int] = (400, 400)):
         super().__init__(event_shape, latent_dim)
