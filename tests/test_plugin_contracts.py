@@ -573,8 +573,9 @@ def test_option_specs_read_names_types_defaults_and_help(fresh_registry):
 
     specs = {s.name: s for s in option_specs(fresh_registry.prior("gmm"), hidden=("dim", "samples"))}
     assert list(specs) == ["n_components", "max_components", "seed"]
-    assert specs["n_components"].as_dict() == {"name": "n_components", "type": "int | None", "default": 3,
-                                               "required": False, "help": ""}
+    assert specs["n_components"].as_dict() == {
+        "name": "n_components", "type": "int | None", "default": 3, "required": False,
+        "help": "mixture components; 0 (or unset) chooses by BIC over 1..max_components"}
 
     class Documented(elbokit.ElboTerm):
         """A term with declared options."""

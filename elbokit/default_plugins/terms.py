@@ -183,6 +183,8 @@ class MarginalKL(ElboTerm):
     """KL(q(z) || p(z)) = -H[q(z)] + H[q(z), p(z)], from an entropy and a cross-entropy estimator."""
 
     name = "marginal-kl"
+    option_help = {"entropy_estimator": "the estimator of H[q(z)] (elbokit estimators entropy/NAME)",
+                   "xent_estimator": "the estimator of H[q(z), p(z)] (elbokit estimators cross_entropy/NAME)"}
 
     def __init__(self, entropy_estimator: str = "mws", xent_estimator: str = "auto", registry: Any = None):
         super().__init__()
