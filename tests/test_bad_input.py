@@ -134,9 +134,10 @@ CASES = [
     # -- any command: usage errors, as click words them --------------------------------
     Case("unknown-option", ["terms", "--bogus"], "No such option"),
     Case("close-option", ["plugins", "--al"], "No such option", "Possible options: --all"),
-    Case("extra-argument", ["priors", "extra"], "Got unexpected extra argument"),
+    Case("extra-argument", ["priors", "gmm", "extra"], "Got unexpected extra argument"),
+    Case("unknown-prior-detail", ["priors", "extra"], "Unknown prior '"),
     Case("close-json-option", ["estimators", "--jsn"], "No such option", "Possible options: --json"),
-    Case("data-list-extra-argument", ["data", "list", "extra"], "Got unexpected extra argument"),
+    Case("data-list-extra-argument", ["data", "list", "gaussian", "extra"], "Got unexpected extra argument"),
     Case("unknown-command", ["nosuchcommand"], "No such command"),
     Case("not-a-number", [*TRAIN, "--lr", "fast"], "Invalid value for", "'--lr'"),
     Case("missing-option", ["data", "generate", "gaussian"], "Missing option", "'--out'"),

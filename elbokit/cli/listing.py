@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
 import typing
 from typing import Any, Optional
 
@@ -242,12 +243,15 @@ def _type_text(annotation: Any) -> str:
     from elbokit.objective import type_text
 
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is not None and args and origin is not typing.Literal and origin is not typing.Union \
-            and getattr(origin, "__name__", "") != "UnionType" and isinstance(origin, type):
-        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
-    if origin in (typing.Union,) or type(annotation).__name__ == "UnionType":
+    if _is_union(annotation):
         return " | ".join(_type_text(a) for a in args)
+    if isinstance(origin, type) and args:  # Sequence[int], list[float]: type_text says only "Sequence"
+        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
     return type_text(annotation)
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
 def _jsonable(value: Any) -> Any:
@@ -322,19 +326,18 @@ def _example_value(row: dict[str, Any], spec_type: Any, kind: str) -> str | None
     default = row["default"]
     if row["required"]:
         return None
-    types = typing.get_args(spec_type) if typing.get_origin(spec_type) in (typing.Union,) or \
-        type(spec_type).__name__ == "UnionType" else (spec_type,)
-    for t in types:
+    members = typing.get_args(spec_type) if _is_union(spec_type) else (spec_type,)
+    for t in members:
         if typing.get_origin(t) is typing.Literal:
             other = [a for a in typing.get_args(t) if a != default]
             if other:
                 return str(other[0]).lower() if isinstance(other[0], bool) else str(other[0])
     if isinstance(default, bool):
         return str(not default).lower()
-    if isinstance(default, int) and int in types:
+    if isinstance(default, int) and int in members:
         # Model and data sizes get smaller (a faster example), counts larger (more is always valid).
         return str(max(1, default // 2)) if kind in ("model", "dataset") else str(default * 2 if default > 0 else 1)
-    if isinstance(default, float) and float in types:
+    if isinstance(default, float) and float in members:
         return f"{default * 2:g}" if default > 0 else ("0.5" if default == 0 else None)
     if isinstance(default, list) and default and all(isinstance(v, int) and not isinstance(v, bool) for v in default):
         return ",".join(str(max(1, v // 2)) for v in default)
@@ -344,9 +347,9 @@ def _example_value(row: dict[str, Any], spec_type: Any, kind: str) -> str | None
 def _pick_example(component: Any, kind: str, rows: list[dict[str, Any]]) -> tuple[str, str] | None:
     from elbokit.objective import option_specs
 
-    types = {s.name: s.type for s in option_specs(component, hidden=FILLED_IN[kind])}
+    declared_types = {s.name: s.type for s in option_specs(component, hidden=FILLED_IN[kind])}
     for row in rows:
-        value = _example_value(row, types.get(row["name"]), kind)
+        value = _example_value(row, declared_types.get(row["name"]), kind)
         if value is not None:
             return row["name"], value
     return None
@@ -383,8 +386,6 @@ def _example(kind: str, entry: Any, reg: Any, rows: list[dict[str, Any]], est_ro
             picked = _pick_example(est.obj, "estimator", est_rows) if est is not None else None
         if picked is not None:
             args += ["-o", f"{entry.name}.{picked[0]}={picked[1]}"]
-        if "prior_samples" in entry.obj.needs or "prior_log_prob" not in entry.obj.needs:
-            pass
     elif kind == "estimator":
         quantity = entry.obj.quantity
         users = [e for e in reg.entries("term") if e.obj.quantity == quantity and e.name in reg.terms]
