@@ -240,6 +240,11 @@ def test_installed_example_plugins_show_their_distribution_and_version(run_cli, 
         from elbokit_mmd import MMD
 
         check_options(d["options"], MMD.__init__, "term")
+        # No option_help: each meaning is the docstring's clause on the option, whole across the
+        # ';' and '.' inside its parentheses.
+        kernel, bandwidth = d["options"][0]["help"], d["options"][1]["help"]
+        assert kernel.startswith("`kernel` `rbf`") and kernel.endswith("Tolstikhin et al.'s WAE)")
+        assert bandwidth.startswith("`bandwidth` s or C (default:") and bandwidth.endswith("e^-1 or 1/3)")
         assert f"plugin elbokit-mmd {version}" in run_cli("terms", "mmd").stdout
     finally:
         set_registry(None)

@@ -266,8 +266,17 @@ def _help_from_docstring(component: Any, option: str) -> str:
     """An option's meaning when the component has no `option_help` for it: the clause of its
     docstring that starts with the option's name in backquotes (`kernel` ...), if any."""
     doc = " ".join((inspect.getdoc(component) or "").split())
-    match = re.search(rf"(?:^|[;:.(]\s)`{re.escape(option)}`([^;]*?)(?:;|\.\s|\.$|$)", doc)
-    return f"`{option}`{match.group(1)}".strip() if match else ""
+    match = re.search(rf"(?:^|[;:.(]\s)(`{re.escape(option)}`)", doc)
+    if not match:
+        return ""
+    # The clause ends at a ';' or a full stop outside parentheses.
+    depth, start = 0, match.start(1)
+    for i in range(start, len(doc)):
+        char = doc[i]
+        depth += (char == "(") - (char == ")")
+        if depth <= 0 and (char == ";" or (char == "." and (i + 1 == len(doc) or doc[i + 1] == " "))):
+            return doc[start:i].strip()
+    return doc[start:].strip()
 
 
 def option_rows(component: Any, kind: str) -> list[dict[str, Any]]:
@@ -623,7 +632,8 @@ def print_detail(d: dict[str, Any]) -> None:
             f"Takes {' or '.join(f'{n}-D' for n in ndims)} examples" + (", (C, H, W)." if ndims == [3] else "."))
     if kind in ("term", "estimator", "prior"):
         needs = d.get("needs") or []
-        say("Needs:" if needs else "Needs: nothing beyond the batch's codes and the prior.")
+        say("Needs:" if needs else ("Needs: no input of its own." if kind == "prior"
+                                    else "Needs: nothing beyond the batch's codes and the prior."))
         for n in needs:
             if isinstance(n, str):
                 say(n, "  ")
