@@ -72,6 +72,7 @@ class Components:
     needs_positives: bool
     notes: list[str] = field(default_factory=list)
     checked: dict[str, Any] = field(default_factory=dict)  # what `precheck` found, e.g. {"auto": {...}}
+    positives: Any = None  # elbokit.data.positives.PositiveSampler with data.positives, else None
 
 
 # -- single components --------------------------------------------------------------------
@@ -316,6 +317,21 @@ def standardize_mode(cfg: dict[str, Any], event_shape: tuple[int, ...]) -> str:
     return mode
 
 
+def positives_for(cfg: dict[str, Any], dataset: Any, splits: dict[str, Any], standardizer: Any):
+    """With `data.positives` (an augmentation spec), the sampler that draws fresh positives for
+    every training step, and each split's `x_pos` replaced by one fixed draw from (data.seed,
+    split) (the dataset's own positives, if any, are not used); None without it."""
+    spec = cfg["data"].get("positives")
+    if not spec:
+        return None
+    from .data.positives import PositiveSampler
+
+    sampler = PositiveSampler(spec, dataset.event_shape, standardizer, seed=cfg["train"]["seed"])
+    for name, split in splits.items():
+        split.x_pos = sampler.fixed(split.x, name, cfg["data"]["seed"])
+    return sampler
+
+
 # -- the whole set ------------------------------------------------------------------------
 def load_data(cfg: dict[str, Any], registry: Any, stored: StoredRun | None = None):
     """The dataset of `cfg`; for a stored run, checked against its record (size, file hash)."""
@@ -368,6 +384,7 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
         standardizer = Standardizer.fit(train_x, mode=standardize_mode(cfg, dataset.event_shape))
     splits = {name: make_split(name, dataset, idx, standardizer, device) for name, idx in indices.items() if len(idx)}
     check_likelihood_support(cfg, splits)
+    positives = positives_for(cfg, dataset, splits, standardizer)
 
     # The model is initialised first from the training seed, so the prior and terms
     # (which may draw random numbers too) never change it.
@@ -395,7 +412,8 @@ def build_components(cfg: dict[str, Any], *, registry: Any = None, stored: Store
     components = Components(config=cfg, device=device, dataset=dataset, indices=indices,
                             standardizer=standardizer, splits=splits, model=model, prior=prior,
                             objective=objective, likelihood=reconstruction_likelihood(objective),
-                            registry=registry, needs_positives="positives" in objective.needs() and has_positives)
+                            registry=registry, needs_positives="positives" in objective.needs() and has_positives,
+                            positives=positives)
     n_train, batch_size = len(indices["train"]), min(cfg["train"]["batch_size"], len(indices["train"]))
     if stored is None and n_train % batch_size:  # said once, when the run is created
         components.notes.append(

@@ -176,6 +176,18 @@ def split_check(name: str, value: Any) -> list[float]:
     return [float(v) for v in value]
 
 
+def positives_check(name: str, value: Any) -> str | None:
+    """data.positives: unset (the dataset's own positives, if any) or an augmentation spec
+    (elbokit.data.positives), recorded in its canonical form."""
+    if value in (None, ""):
+        return None
+    from .data.positives import normalize
+
+    if not isinstance(value, str):
+        raise ElbokitError(f"{name} must be an augmentation such as \"gaussian:0.1\" or \"shift:1+flip\", got {value!r}.")
+    return normalize(value)
+
+
 def device_check(name: str, value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", value):
         raise ElbokitError(f"{name} must be cpu, cuda, cuda:N or auto, got {value!r}.")
@@ -194,6 +206,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "latent_dim": Key(None, optional_positive_int, "true latent dimension of a generated dataset (default: model.latent_dim)", "--data-latent-dim"),
         "noise_std": Key(None, optional_non_negative_float, "observation noise std of a generated dataset (default 0.5)", "--noise-std"),
         "radius": Key(None, optional_non_negative_float, "std of the positives' noise, x+ = x + N(0, radius^2) (default 0.1)", "--radius"),
+        "positives": Key(None, positives_check, "positives x+ by augmentation, drawn afresh every training step, in place of the dataset's own: gaussian:RADIUS (x + N(0, RADIUS^2), in original data units), shift:PIXELS[:zero|edge] and flip[:PROB] for images, joined by + (docs/training.md); unset: the dataset's own positives", "--positives"),
         "options": Key({}, table, "other keyword options for a plugin dataset's loader", "--data-option"),
         "split": Key([0.8, 0.1, 0.1], split_check, "train/val/test fractions", None),
         "standardize": Key("auto", standardize_check, "standardise on the training split: feature (one mean/std per value of an example), channel (one per image channel), none; auto: none for the bernoulli, continuous-bernoulli and discretized likelihoods, else channel for (C, H, W) data and feature otherwise", None),

@@ -184,7 +184,8 @@ class Objective(nn.Module):
             if "positives" in needs and has_positives is False:
                 raise IncompatibleError(
                     f"Term '{name}'{est} needs positive pairs (x, x+), which this data does not "
-                    "have; give data with x_pos, or use the encoder critic (infonce.critic=encoder) "
+                    "have; draw them by augmentation (--positives gaussian:RADIUS, or shift:PIXELS for "
+                    "images), give data with x_pos, or use the encoder critic (infonce.critic=encoder) "
                     "or the 'mi' term."
                 )
             if "dataset_size" in needs and dataset_size is not None and dataset_size <= 0:

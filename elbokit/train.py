@@ -37,6 +37,7 @@ from . import build
 from . import run as run_mod
 from .build import (  # noqa: F401 - also importable from here, as before build.py existed
     Components, build_components, load_prior_samples, precheck, prior_samples_for, rebuild_prior, seed_everything)
+from .data import positives as positives_mod
 from .errors import ElbokitError
 from .metrics import TERM_LOSS_PREFIX, flat_record, term_losses
 
@@ -814,12 +815,17 @@ class Trainer:
                                       "term_sums": term_sums, "first_bad": first_bad})
             idx = perm[i * batch_size:(i + 1) * batch_size]
             self.objective.global_step = self.state["step"] + i  # warm-up factors: a function of this alone
+            # The positives of the global batch: the data's, or fresh ones drawn for this step
+            # from (train.seed, step) alone (data.positives), so that a resume draws the same.
+            rows_pos = None if x_pos is None else (
+                x_pos[idx] if s.positives is None else s.positives.draw(x[idx], self.objective.global_step))
             try:
                 if self.step_module is not None:  # this process's rows of the global batch, through DDP
                     idx = self.group.shard(idx)
-                    out = self.step_module(x[idx], None if x_pos is None else x_pos[idx], dataset_size)
+                    rows_pos = None if rows_pos is None else self.group.shard(rows_pos)
+                    out = self.step_module(x[idx], rows_pos, dataset_size)
                 else:
-                    batch = self.model(x[idx], None if x_pos is None else x_pos[idx], dataset_size=dataset_size)
+                    batch = self.model(x[idx], rows_pos, dataset_size=dataset_size)
                     out = self.objective(batch)
             except ValueError:
                 # torch.distributions refuses NaN/Inf parameters: the update of the previous
@@ -943,6 +949,7 @@ class Trainer:
             "threads": torch.get_num_threads(), "threads_from": s.threads_from,
             "versions": run_mod.run_metadata(s)["versions"],
             "likelihood": {"name": s.likelihood.name, "units": s.likelihood.units},
+            "positives": positives_mod.describe(s.config, s.dataset, s.positives, s.needs_positives),
             "world_size": self.group.world_size if self.group is not None else 1,
         }
         if s.notes:

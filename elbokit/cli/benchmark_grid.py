@@ -99,6 +99,7 @@ def grid(
     noise_std: Optional[float] = typer.Option(None, "--noise-std", help="Held fixed: observation noise std [0.5]."),
     radius: Optional[float] = typer.Option(None, "--radius", help="Held fixed: std of the positives' noise [0.1]."),
     data_option: list[str] = typer.Option([], "--data-option", help="Held fixed: KEY=VALUE for a plugin dataset (repeatable)."),
+    positives: Optional[str] = typer.Option(None, "--positives", help="Held fixed: positives by augmentation, e.g. gaussian:0.1 or shift:1+flip."),
     latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Held fixed: latent dimension [5]."),
     hidden: Optional[str] = typer.Option(None, "--hidden", help="Held fixed: hidden layer sizes [400,400]."),
     option: list[str] = typer.Option([], "--option", "-o", help="Held fixed: per-term option TERM.KEY=VALUE (repeatable)."),
@@ -154,7 +155,7 @@ def grid(
         spec.axes["seed"] = [AxisEntry(None, {"train": {"seed": s}}) for s in parse_seeds(",".join(seeds))]
     fixed = config_overrides(
         data_seed=data_seed, n=n, data_dim=data_dim, data_latent_dim=data_latent_dim, noise_std=noise_std,
-        radius=radius, data_option=data_option, latent_dim=latent_dim, hidden=hidden, option=option,
+        radius=radius, data_option=data_option, positives=positives, latent_dim=latent_dim, hidden=hidden, option=option,
         prior_samples=prior_samples, prior_option=prior_option, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
         patience=patience, select=select, grad_clip=grad_clip, device=device, threads=threads,
         checkpoint_seconds=checkpoint_seconds)

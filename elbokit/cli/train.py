@@ -111,7 +111,7 @@ def model_option_value(text: str) -> tuple[str, Any]:
 def config_overrides(*, data: Optional[str] = None, data_seed: Optional[int] = None, n: Optional[int] = None,
                      data_dim: Optional[int] = None, data_latent_dim: Optional[int] = None,
                      noise_std: Optional[float] = None, radius: Optional[float] = None, data_option: list[str] = (),
-                     latent_dim: Optional[int] = None, model: Optional[str] = None, model_option: list[str] = (),
+                     positives: Optional[str] = None, latent_dim: Optional[int] = None, model: Optional[str] = None, model_option: list[str] = (),
                      hidden: Optional[str] = None, terms: Optional[str] = None, option: list[str] = (),
                      prior: Optional[str] = None, prior_samples: Optional[str] = None, prior_option: list[str] = (),
                      seed: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
@@ -130,7 +130,8 @@ def config_overrides(*, data: Optional[str] = None, data_seed: Optional[int] = N
 
     o: dict[str, Any] = {}
     for key, value in (("dataset", data), ("seed", data_seed), ("n", n), ("data_dim", data_dim),
-                       ("latent_dim", data_latent_dim), ("noise_std", noise_std), ("radius", radius)):
+                       ("latent_dim", data_latent_dim), ("noise_std", noise_std), ("radius", radius),
+                       ("positives", positives)):
         _set(o, "data", key, value)
     if data_option:
         _set(o, "data", "options", dict(config_mod.parse_assignment(t, "--data-option") for t in data_option))
@@ -177,6 +178,7 @@ def train(
     noise_std: Optional[float] = typer.Option(None, "--noise-std", help="Observation noise std of generated data [0.5]."),
     radius: Optional[float] = typer.Option(None, "--radius", help="Std of the positives' noise [0.1]."),
     data_option: list[str] = typer.Option([], "--data-option", help="KEY=VALUE for a plugin dataset's loader (repeatable)."),
+    positives: Optional[str] = typer.Option(None, "--positives", help="Positives x+ by augmentation, fresh every step, instead of the data's own: gaussian:RADIUS (data units), shift:PIXELS[:edge], flip[:PROB], joined by +, e.g. shift:1+flip."),
     latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Latent dimension [5]."),
     model: Optional[str] = typer.Option(None, "--model", help="Model: mlp, conv or a plugin's (elbokit models) [auto: conv for (N, C, H, W) files, else mlp]."),
     model_option: list[str] = typer.Option([], "--model-option", help="Model option KEY=VALUE, e.g. hidden=200,200 or channels=16,32 (repeatable)."),
@@ -222,7 +224,7 @@ def train(
 
     o = config_overrides(
         data=data, data_seed=data_seed, n=n, data_dim=data_dim, data_latent_dim=data_latent_dim, noise_std=noise_std,
-        radius=radius, data_option=data_option, latent_dim=latent_dim, model=model, model_option=model_option,
+        radius=radius, data_option=data_option, positives=positives, latent_dim=latent_dim, model=model, model_option=model_option,
         hidden=hidden, terms=terms, option=option, prior=prior, prior_samples=prior_samples, prior_option=prior_option,
         seed=seed, lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience, select=select,
         lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, lr_min=lr_min, lr_cosine_epochs=lr_cosine_epochs,
