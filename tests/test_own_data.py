@@ -62,3 +62,16 @@ def test_digits_at_its_defaults_trains_to_a_test_elbo_in_stated_units(run_cli, f
     # A log-probability mass: each reconstruction term is at most 0 and the KL is at least 0, so
     # the ELBO is below 0 (a density on [0, 1] could exceed it); IWAE is above the ELBO.
     assert test["elbo"] < 0 and test["elbo"] <= test["iwae"]
+
+
+def test_the_guides_grid_resolves_with_the_positives_in_every_cell(run_cli, fresh_registry, tmp_path, monkeypatch):
+    np.save(tmp_path / "digits.npy", np.round(np.random.default_rng(0).random((100, 1, 8, 8)) * 16) / 16)
+    monkeypatch.chdir(tmp_path)
+    command = next(c for c in guide_commands() if c.startswith("elbokit benchmark grid"))
+    res = run_cli(*shlex.split(command)[1:], "--print-grid", "--json")
+    assert res.exit_code == 0, res.stderr
+    plan = json.loads(res.stdout)
+    assert len(plan["cells"]) == 10 and plan["estimate"]["upper_bound_seconds"] > 0
+    assert all(c["config"]["data"]["positives"] == "shift:1" and c["config"]["model"]["name"] == "conv"
+               for c in plan["cells"])
+    assert not (tmp_path / "runs").exists()

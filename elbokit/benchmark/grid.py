@@ -642,6 +642,7 @@ def estimate_seconds(cells: list[Cell], grid: GridDir, jobs: int) -> dict[str, A
         n_train = max(1, int(n * cfg["data"]["split"][0]))
         steps = cfg["train"]["max_epochs"] * max(1, n_train // min(cfg["train"]["batch_size"], n_train))
         hidden = (cfg["model"].get("options") or {}).get("hidden") or [400, 400]  # non-mlp models: the mlp's size
+        hidden = [hidden] if isinstance(hidden, (int, float)) else hidden  # conv: one hidden layer size
         size = sum(hidden) / 800 * min(cfg["train"]["batch_size"], n_train) / 512
         rate = statistics.median(measured) if measured else STEPS_PER_SECOND / max(size, 0.05)
         total += steps / rate + EVAL_SECONDS
