@@ -278,3 +278,17 @@ def test_training_draws_fresh_positives_for_every_step(run_cli, fresh_registry, 
                   "--max-epochs", "2", "--no-evaluate", "-q", "--out", tmp_path / "run")
     assert res.exit_code == 0, res.stderr
     assert steps == list(range(8))  # 240 training rows / 60: 4 steps per epoch, 2 epochs
+
+
+def test_two_processes_draw_the_positives_of_the_global_batch(tmp_path):
+    """Under torchrun each process draws the global batch's positives and keeps its rows (the
+    same slicing as the batch's rows): the run trains on 2 processes and records its positives."""
+    from test_distributed_train import torchrun
+
+    config = tmp_path / "config.toml"
+    config.write_text('[data]\nn = 300\npositives = "gaussian:0.2"\n[model]\nhidden = [16]\n[objective]\n'
+                      'terms = "ed"\n[train]\nbatch_size = 60\nmax_epochs = 2\nevaluate = false\n')
+    done = torchrun("-m", "elbokit", "train", "--config", str(config), "--out", str(tmp_path / "run"), "--json", "-q")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["positives"]["spec"] == "gaussian:0.2"
