@@ -324,11 +324,11 @@ def positives_for(cfg: dict[str, Any], dataset: Any, splits: dict[str, Any], sta
     spec = cfg["data"].get("positives")
     if not spec:
         return None
-    from .data.positives import PositiveSampler
+    from .data.positives import PositiveSampler, positives_of_split
 
     sampler = PositiveSampler(spec, dataset.event_shape, standardizer, seed=cfg["train"]["seed"])
     for name, split in splits.items():
-        split.x_pos = sampler.fixed(split.x, name, cfg["data"]["seed"])
+        split.x_pos = positives_of_split(sampler, split, name, cfg["data"]["seed"])
     return sampler
 
 

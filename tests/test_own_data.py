@@ -35,7 +35,7 @@ def test_the_guides_commands_pass_every_check(run_cli, fresh_registry, tmp_path,
     for command in trains:
         res = run_cli(*shlex.split(command)[1:], "--print-config")
         assert res.exit_code == 0, (command, res.stderr)
-        assert 'name = "conv"' in res.stdout and "standardize = false" in res.stdout
+        assert 'name = "conv"' in res.stdout and 'standardize = "none"' in res.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.npy"]
 
 

@@ -24,7 +24,9 @@ Reproducibility: the positives of training step s (counted over the whole run) c
 middle of an epoch, draws exactly the positives of an uninterrupted one, and several processes
 (which draw for the global batch, then keep their rows) draw the same as one. The validation
 and test splits get one fixed draw each, from (data.seed, split), so that validation is
-deterministic; the training split gets one too (used by the checks before a run starts).
+deterministic; the training split gets one too (used by the checks before a run starts). A
+streamed split (a data file read from disk a minibatch at a time) is never held whole: its
+fixed positives are drawn per request, from (data.seed, split, first row, rows).
 """
 
 from __future__ import annotations
@@ -235,6 +237,42 @@ class PositiveSampler:
         return {"source": "augmentation", "spec": self.spec,
                 "units": "original data units (gaussian radius; zero padding is 0 there)",
                 "fresh": "every training step, from (train.seed, step); validation and test: one fixed draw"}
+
+
+class DrawnPositives:
+    """The positives of a streamed split (whose `.x` is read from disk a minibatch at a time),
+    drawn when indexed instead of held whole: rows `index` of x, augmented with a generator
+    seeded from (data.seed, split, the first row asked for, the number of rows), so that the
+    same request (validation's fixed chunks, the checks' first rows) gets the same positives."""
+
+    def __init__(self, x: Any, sampler: "PositiveSampler", split: str, data_seed: int):
+        self.x, self.sampler, self.split, self.data_seed = x, sampler, split, int(data_seed)
+        self.shape, self.device, self.dtype = x.shape, x.device, x.dtype
+
+    ndim = property(lambda self: len(self.shape))
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        rows = self.x[index]
+        if isinstance(index, slice):
+            first = index.start or 0
+        else:
+            flat = torch.as_tensor(index).reshape(-1)
+            first = int(flat[0]) if len(flat) else 0
+        generator = _generator(self.data_seed, POSITIVES_STREAM, 1000 + SPLIT_STREAMS.get(self.split, 3),
+                               first, int(rows.shape[0]))
+        with torch.no_grad():
+            return self.sampler._draw(rows, generator)
+
+
+def positives_of_split(sampler: "PositiveSampler", split: Any, name: str, data_seed: int) -> Any:
+    """A split's fixed positives: one draw of the whole split held as a tensor, or for a streamed
+    split (not a tensor) a `DrawnPositives` view that draws the rows asked for."""
+    if isinstance(split.x, torch.Tensor):
+        return sampler.fixed(split.x, name, data_seed)
+    return DrawnPositives(split.x, sampler, name, data_seed)
 
 
 def describe(cfg: dict[str, Any], dataset: Any, sampler: PositiveSampler | None, used: bool) -> dict[str, Any]:
