@@ -141,6 +141,8 @@ def shift_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, padding: s
     falls outside the image, 0 (`zero`) or the nearest edge pixel (`edge`). |dy|, |dx| < H, W."""
     import torch.nn.functional as F
 
+    # By hand: torch has no per-example integer translation (torch.roll wraps around and shifts
+    # the whole batch alike; torchvision, not a dependency, draws one transform per call).
     B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
     p = int(max(int(dy.abs().max()), int(dx.abs().max()), 0)) if B else 0
     x4 = x.reshape(B, -1, H, W)
