@@ -30,18 +30,10 @@ def _rows_per_block(chunk: int | None, m: int) -> int:
     return int(chunk)
 
 
-def pairwise_gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """S[i, j] = log N(z_i; loc_j, diag(scale_j^2)), shape (R, M) for z (R, L), loc/scale (M, L).
-
-    Expands sum_l (z_il - mu_jl)^2 / s_jl^2 into three matrix products instead of building the
-    (R, M, L) difference tensor: faster, and linear in memory.
-
-    The expansion subtracts terms of size |z|^2 / s^2 to get a result of size 1, so in float32
-    it loses about 1e-7 * |z|^2 / s^2 nats: 0.1 nat at |z| = 3, s = 0.01, and several nats at
-    s = 1e-3, scales that trained posteriors reach. So z and loc are first shifted by a common
-    (detached) centre, which leaves z - loc and the gradients unchanged, and the products are
-    formed in float64; the result comes back in the input's dtype.
-    """
+def _gaussian_factors(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """(left, right, out_dtype) with left @ right.T = S of `pairwise_gaussian_log_density`,
+    left (R, 2L + 1) and right (M, 2L + 1) in float64 (or wider), after centring."""
     out_dtype = z.dtype
     compute = torch.promote_types(torch.promote_types(z.dtype, loc.dtype), torch.float64)
     centre = loc.detach().to(compute).mean(0)
@@ -56,6 +48,22 @@ def pairwise_gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, scale: tor
     column_const = -0.5 * (loc * loc_precision).sum(-1) - scale.log().sum(-1) - 0.5 * loc.shape[-1] * LOG_2PI
     left = torch.cat([z * z, z, torch.ones_like(z[:, :1])], 1)  # (R, 2L + 1)
     right = torch.cat([-0.5 * precision, loc_precision, column_const[:, None]], 1)  # (M, 2L + 1)
+    return left, right, out_dtype
+
+
+def pairwise_gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """S[i, j] = log N(z_i; loc_j, diag(scale_j^2)), shape (R, M) for z (R, L), loc/scale (M, L).
+
+    Expands sum_l (z_il - mu_jl)^2 / s_jl^2 into three matrix products instead of building the
+    (R, M, L) difference tensor: faster, and linear in memory.
+
+    The expansion subtracts terms of size |z|^2 / s^2 to get a result of size 1, so in float32
+    it loses about 1e-7 * |z|^2 / s^2 nats: 0.1 nat at |z| = 3, s = 0.01, and several nats at
+    s = 1e-3, scales that trained posteriors reach. So z and loc are first shifted by a common
+    (detached) centre, which leaves z - loc and the gradients unchanged, and the products are
+    formed in float64; the result comes back in the input's dtype.
+    """
+    left, right, out_dtype = _gaussian_factors(z, loc, scale)
     return (left @ right.T).to(out_dtype)
 
 
@@ -76,18 +84,120 @@ def _apply_circulant(s: torch.Tensor, circulant: CirculantLogWeights, offset: in
     return s
 
 
-def _lse_rows(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, log_w: torch.Tensor | None,
-              diagonal: torch.Tensor | None, offset: int, circulant: CirculantLogWeights | None = None) -> torch.Tensor:
-    s = pairwise_gaussian_log_density(z, loc, scale)
+def _scores(left: torch.Tensor, right: torch.Tensor, factor: float, out_dtype: torch.dtype,
+            diagonal: torch.Tensor | None, offset: int, log_w: torch.Tensor | None,
+            circulant: CirculantLogWeights | None) -> torch.Tensor:
+    """factor * left @ right.T in `out_dtype`, entry (r, offset + r) replaced by diagonal[r],
+    plus the constant log weights: a fresh tensor (no autograd)."""
+    s = left @ right.T
+    if factor != 1.0:
+        s.mul_(factor)
+    s = s.to(out_dtype)
     if diagonal is not None:
-        # Row r of this chunk is row offset + r of the full matrix: its own component sits at
-        # column offset + r, the diagonal of s shifted by `offset`.
-        s = torch.diagonal_scatter(s, diagonal.to(s.dtype), offset=offset)
+        s.diagonal(offset=offset).copy_(diagonal)
     if log_w is not None:
-        s = s + log_w
+        s.add_(log_w)
     if circulant is not None:
         s = _apply_circulant(s, circulant, offset)
-    return torch.logsumexp(s, dim=1)
+    return s
+
+
+def _logsumexp_rows_(s: torch.Tensor, softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp over dim 1 of s, and s overwritten by softmax(s) along dim 1 when `softmax`).
+
+    Why not `torch.logsumexp`: on x86 CPUs `exp` of a number whose result underflows (below
+    about -87 in float32, -708 in float64, the far pairs of every pairwise matrix) takes a slow
+    path, about 40x slower per entry (measured: 12 ms against 0.4 ms for a 512 x 512 float32
+    matrix with entries down to -300), and -inf is no faster. So after subtracting the row
+    maximum the entries are clamped at LSE_FLOOR_MARGIN above log(smallest normal) (-57 in
+    float32) before exp: each clamped entry then counts e^-57 (1.3e-25) of the row maximum's
+    weight instead of less, which changes the sum of a row of M entries by at most M e^-57
+    (2e-21 at M = 16384), far below the rounding of the result, and keeps the softmax and its
+    products with gradients out of the subnormal range."""
+    top = s.amax(1, keepdim=True)
+    empty = top.isneginf()  # rows of -inf only: their value is -inf, as torch.logsumexp gives
+    top = top.masked_fill(~torch.isfinite(top), 0.0)
+    floor = math.log(torch.finfo(s.dtype).tiny) + LSE_FLOOR_MARGIN
+    total = s.sub_(top).clamp_min_(floor).exp_().sum(1, keepdim=True)
+    out = (total.log() + top).masked_fill(empty, -math.inf).squeeze(1)
+    if softmax:
+        s.div_(total)
+    return out, s
+
+
+LSE_FLOOR_MARGIN = 30.0
+
+
+class _LogSumExpOfProduct(torch.autograd.Function):
+    """out_r = logsumexp_j S_rj for S = `_scores(...)`, with a backward written out.
+
+    Why by hand: autograd's backward of `logsumexp(diagonal_scatter((left @ right.T).to(f32)))`
+    computes the softmax again and makes three (R, M) copies (the dtype change, the diagonal
+    scatter, the float64 cast back), then takes G @ right and G.T @ left, a layout in which
+    MKL multiplies an (R, M) matrix by a thin (M, 2L + 1) one 3-5x slower than the same product
+    written as right.T @ G.T (measured at M = 512: 0.52 ms against 0.10 ms in float32). Here the
+    forward keeps the softmax P = exp(S - out) it has already formed, and the backward is
+    G = P * grad (diagonal moved to the diagonal's own gradient) and two products in the fast
+    layout. Constant log weights (no gradient) may be added to S; the values are those of the
+    autograd form (tests/test_estimators.py compares values and gradients)."""
+
+    @staticmethod
+    def forward(ctx, left, right, diagonal, factor, out_dtype, offset, log_w, circulant):
+        out, p = _logsumexp_rows_(_scores(left, right, factor, out_dtype, diagonal, offset, log_w, circulant),
+                                  softmax=True)
+        ctx.save_for_backward(left, right, p)
+        ctx.factor, ctx.offset, ctx.has_diagonal = factor, offset, diagonal is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        left, right, p = ctx.saved_tensors
+        g = p * grad[:, None]
+        grad_diagonal = None
+        if ctx.has_diagonal:
+            band = g.diagonal(offset=ctx.offset)
+            grad_diagonal = band.clone() if ctx.needs_input_grad[2] else None
+            band.zero_()  # the replaced entries do not depend on left and right
+        g = g.to(left.dtype)
+        grad_left = grad_right = None
+        if ctx.needs_input_grad[0]:
+            grad_left = (right.T @ g.T).T
+            if ctx.factor != 1.0:
+                grad_left = grad_left * ctx.factor
+        if ctx.needs_input_grad[1]:
+            grad_right = (left.T @ g).T
+            if ctx.factor != 1.0:
+                grad_right = grad_right * ctx.factor
+        return grad_left, grad_right, grad_diagonal, None, None, None, None, None
+
+
+def _lse_product(left: torch.Tensor, right: torch.Tensor, factor: float, out_dtype: torch.dtype,
+                 diagonal: torch.Tensor | None, offset: int, log_w: torch.Tensor | None,
+                 circulant: CirculantLogWeights | None) -> torch.Tensor:
+    if diagonal is not None:
+        diagonal = diagonal.to(out_dtype)
+    if log_w is not None and log_w.requires_grad:  # learned weights: autograd's form
+        s = left @ right.T * factor
+        s = s.to(out_dtype)
+        if diagonal is not None:
+            s = torch.diagonal_scatter(s, diagonal, offset=offset)
+        s = s + log_w
+        if circulant is not None:
+            s = _apply_circulant(s, circulant, offset)
+        return torch.logsumexp(s, dim=1)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (left, right, diagonal)):
+        return _LogSumExpOfProduct.apply(left, right, diagonal, factor, out_dtype, offset, log_w, circulant)
+    with torch.no_grad():
+        return _logsumexp_rows_(_scores(left, right, factor, out_dtype, diagonal, offset, log_w, circulant),
+                                softmax=False)[0]
+
+
+def _lse_rows(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, log_w: torch.Tensor | None,
+              diagonal: torch.Tensor | None, offset: int, circulant: CirculantLogWeights | None = None) -> torch.Tensor:
+    # Row r of this chunk is row offset + r of the full matrix: its own component sits at
+    # column offset + r, the diagonal of S shifted by `offset`.
+    left, right, out_dtype = _gaussian_factors(z, loc, scale)
+    return _lse_product(left, right, 1.0, out_dtype, diagonal, offset, log_w, circulant)
 
 
 def logsumexp_gaussian_mixture(
@@ -142,10 +252,7 @@ def logsumexp_gaussian_mixture(
 
 def _lse_scores_rows(a: torch.Tensor, b: torch.Tensor, factor: float, diagonal: torch.Tensor | None,
                      offset: int) -> torch.Tensor:
-    s = (a @ b.T) * factor
-    if diagonal is not None:
-        s = torch.diagonal_scatter(s, diagonal.to(s.dtype), offset=offset)
-    return torch.logsumexp(s, dim=1)
+    return _lse_product(a, b, float(factor), a.dtype, diagonal, offset, None, None)
 
 
 def logsumexp_scores(a: torch.Tensor, b: torch.Tensor, factor: float = 1.0, chunk: int | None = DEFAULT_CHUNK,

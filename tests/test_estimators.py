@@ -702,3 +702,78 @@ def test_infonce_in_chunks_stays_below_log_k(fresh_registry):
         assert (chunked <= math.log(k)).all()
         expected = math.log(k) + s.diagonal() - torch.logsumexp(s, dim=1)
         torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------- the hand-written logsumexp and its backward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_logsumexp_with_far_pairs_equals_torch_with_gradients(dtype):
+    # Narrow posteriors far apart: most entries of S lie hundreds of nats below their row's
+    # maximum (exp underflows; elbokit.ops clamps them before exp for speed). Values and
+    # gradients must be torch's own logsumexp of the same matrix, to the rounding of the dtype.
+    g = torch.Generator().manual_seed(11)
+    m, d = 200, 3
+    loc = 3.0 * torch.randn(m, d, generator=g, dtype=dtype)
+    scale = 0.05 + 0.1 * torch.rand(m, d, generator=g, dtype=dtype)
+    z = loc + scale * torch.randn(m, d, generator=g, dtype=dtype)
+    cot = torch.randn(m, generator=g, dtype=dtype)
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (z, loc, scale)]
+        out = fn(*leaves)
+        (out * cot).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    def reference(zz, ll, ss):
+        return torch.logsumexp(pairwise_gaussian_log_density(zz, ll, ss), dim=1)
+
+    ref, g_ref = grads(reference)
+    s = pairwise_gaussian_log_density(z, loc, scale)
+    assert (s < s.max(1, keepdim=True).values - 200).float().mean() > 0.5  # the case in question
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for max_unchunked in (m * m, 0):
+        out, g_out = grads(lambda zz, ll, ss: logsumexp_gaussian_mixture(zz, ll, ss, chunk=64, max_unchunked=max_unchunked))
+        torch.testing.assert_close(out, ref, **tol)
+        for a, b in zip(g_out, g_ref):
+            torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * b.abs().max().item())
+
+
+def test_logsumexp_of_a_row_of_minus_infinity_is_minus_infinity():
+    from elbokit.ops import _logsumexp_rows_
+
+    s = torch.tensor([[0.0, -math.inf, 1.0], [-math.inf, -math.inf, -math.inf], [-1000.0, 0.0, -2000.0]])
+    out, _ = _logsumexp_rows_(s.clone(), softmax=False)
+    torch.testing.assert_close(out, torch.logsumexp(s, dim=1))
+    assert out[1] == -math.inf
+
+
+@pytest.mark.parametrize("factor", [1.0, 10.0])
+def test_score_logsumexp_in_float32_matches_autograd_with_gradients(factor):
+    # The InfoNCE dot/cosine path in float32: the written-out backward is as close to the
+    # float64 truth as autograd's float32 backward of the dense matrix (within 2x its error,
+    # or float32 rounding of the largest gradient).
+    from elbokit.ops import logsumexp_scores
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(300, 5, generator=g), torch.randn(300, 5, generator=g)
+    cot = torch.randn(300, generator=g)
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (a, b)]
+        out = fn(*leaves)
+        (out * cot.to(dtype)).sum().backward()
+        return out.detach().double(), [t.grad.double() for t in leaves]
+
+    def dense(x, y):
+        s = factor * x @ y.T
+        return torch.logsumexp(torch.diagonal_scatter(s, factor * (x * y).sum(-1)), dim=1)
+
+    def ours(x, y):
+        return logsumexp_scores(x, y, factor, diagonal=factor * (x * y).sum(-1))
+
+    truth, g_truth = grads(dense, torch.float64)
+    ref, g_ref = grads(dense, torch.float32)
+    out, g_out = grads(ours, torch.float32)
+    torch.testing.assert_close(grads(ours, torch.float64)[0], truth, rtol=1e-12, atol=1e-12)
+    assert (out - truth).abs().max() <= max(2 * (ref - truth).abs().max(), 8 * FLOAT32_EPS * truth.abs().max())
+    for u, v, t in zip(g_out, g_ref, g_truth):
+        assert (u - t).abs().max() <= max(2 * (v - t).abs().max(), 8 * FLOAT32_EPS * t.abs().max())
