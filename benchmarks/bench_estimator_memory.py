@@ -19,6 +19,9 @@ row's peak):
 
 With --before PATH the same rows are also run with PYTHONPATH=PATH (an export of an earlier
 commit), interleaved row by row with the current tree, so the two columns share the load.
+--no-before-large skips the earlier tree's memory row at the large batch (printed "-"): a tree
+that forms dense (M, M) matrices needs gigabytes and minutes there, and only the current
+tree's peak is what the table is for.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", type=int, nargs="+", default=[5, 64])
     parser.add_argument("--before", help="an earlier tree (its directory holds the elbokit package)")
     parser.add_argument("--only", nargs="+", help="rows whose label contains one of these words")
+    parser.add_argument("--before-large", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the earlier tree's peak memory at the large batch (default: yes)")
     args = parser.parse_args(argv)
     if args.row:
         print(json.dumps(one_row(*json.loads(args.row))))
@@ -135,14 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         for row in ROWS:
             if args.only and not any(w in label(row) for w in args.only):
                 continue
-            mem = {t: run_row(p, row, args.large, dim, "memory") for t, p in trees.items()}
+            mem = {t: run_row(p, row, args.large, dim, "memory") if t == "now" or args.before_large else {}
+                   for t, p in trees.items()}
             # Speed: the trees alternate three times and each keeps its fastest median.
             ms = {t: {"ms": math.inf} for t in trees}
             for _ in range(3):
                 for t, p in trees.items():
                     r = run_row(p, row, args.small, dim, "speed")
                     ms[t] = r if "error" in r else {"ms": min(ms[t].get("ms", math.inf), r["ms"])}
-            fmt = lambda r, key, f: r.get("error", "")[:60] if "error" in r else format(r[key], f)  # noqa: E731
+            fmt = lambda r, key, f: (r.get("error", "")[:60] if "error" in r  # noqa: E731
+                                     else format(r[key], f) if key in r else "-")
             print(f"| {label(row)} | {dim} | " + " | ".join(fmt(mem[t], "extra_mib", ".0f") for t in trees) + " | "
                   + " | ".join(fmt(ms[t], "ms", ".2f") for t in trees) + " |", flush=True)
     return 0
