@@ -777,3 +777,41 @@ def test_score_logsumexp_in_float32_matches_autograd_with_gradients(factor):
     assert (out - truth).abs().max() <= max(2 * (ref - truth).abs().max(), 8 * FLOAT32_EPS * truth.abs().max())
     for u, v, t in zip(g_out, g_ref, g_truth):
         assert (u - t).abs().max() <= max(2 * (v - t).abs().max(), 8 * FLOAT32_EPS * t.abs().max())
+
+
+@pytest.mark.parametrize("dtype, s", [(torch.float64, 0.5), (torch.float32, 0.5), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("circulant", [False, True])
+def test_gaussian_mixture_logsumexp_backward_equals_autograd_through_the_factors(dtype, s, circulant):
+    # The written-out gradients in z, loc, scale and the diagonal (elbokit.ops
+    # _LogSumExpGaussianMixture) against autograd through the same factors (_gaussian_factors
+    # then _LogSumExpOfProduct): the same numbers to the rounding of the inputs' dtype.
+    from elbokit.ops import _gaussian_factors, _lse_product
+
+    g = torch.Generator().manual_seed(3)
+    m, d = 120, 4
+    loc = (2.0 * torch.randn(m, d, generator=g, dtype=torch.float64) + 1.0).to(dtype)
+    scale = (s * torch.exp(0.3 * torch.randn(m, d, generator=g, dtype=torch.float64))).to(dtype)
+    z = loc + scale * torch.randn(m, d, generator=g, dtype=dtype)
+    diag = D.Normal(loc, scale).log_prob(z).sum(-1)
+    cot = torch.randn(m, generator=g, dtype=dtype)
+    weights = (-math.log(m - 1), {0: -math.log(1000), 1: -2.0}) if circulant else None
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (z, loc, scale, diag)]
+        out = fn(*leaves)
+        (out * cot).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    def through_factors(zz, ll, ss, dd):
+        left, right, out_dtype = _gaussian_factors(zz, ll, ss)
+        return _lse_product(left, right, 1.0, out_dtype, dd, 0, None, weights)
+
+    ref, g_ref = grads(through_factors)
+    for max_unchunked in (m * m, 0):  # whole, and in checkpointed chunks of 50 rows
+        out, g_out = grads(lambda zz, ll, ss, dd: logsumexp_gaussian_mixture(
+            zz, ll, ss, chunk=50, diagonal=dd, max_unchunked=max_unchunked, circulant_log_weights=weights))
+        # float64: the sums are formed in another order (1e-12); float32: the result's rounding.
+        eps = 1e-12 if dtype == torch.float64 else 4 * FLOAT32_EPS
+        torch.testing.assert_close(out, ref, rtol=eps, atol=eps)
+        for a, b in zip(g_out, g_ref):
+            assert (a - b).abs().max() <= 4 * eps * b.abs().max()

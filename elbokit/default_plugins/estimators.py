@@ -6,6 +6,7 @@ All return per-example contributions of shape (B,) in nats (docs/design.md secti
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +233,14 @@ def _closed_form_cross_entropy(batch: Batch, prior: Prior) -> torch.Tensor | Non
     return None if kl is None else kl + batch.posterior.entropy()
 
 
+def _kl_pair_key(posterior: torch.distributions.Distribution) -> tuple:
+    """What decides whether `_closed_form_cross_entropy` finds a closed form, besides the prior:
+    the posterior's type (and its base distribution's) and the KL rules registered in
+    torch.distributions (`register_kl` adds one)."""
+    base = posterior.base_dist if isinstance(posterior, torch.distributions.Independent) else None
+    return type(posterior), type(base), len(torch.distributions.kl._KL_REGISTRY)
+
+
 class CrossEntropyAnalytic(Estimator):
     """Closed form E_q(z|x)[-log p(z)] per example (standard-normal, any prior with a closed-form KL; not gmm or samples)."""
 
@@ -315,6 +324,11 @@ class CrossEntropyAuto(Estimator):
     def __init__(self, k: int = 3, n_prior: int = 2048):
         super().__init__()
         self.knn = CrossEntropyKNN(k=k, n_prior=n_prior)
+        # prior -> the (posterior types, torch KL rules) for which torch has no closed form.
+        # Asking torch means building the prior's distribution (validated) and dispatching
+        # kl_divergence: 0.5-0.8 ms of every training step with the gmm prior, for an answer
+        # that depends only on the types and the rules registered (see _kl_pair_key).
+        self._no_closed_form: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def check_prior(self, prior: Prior) -> str | None:
         return None if prior.has_log_prob else self.knn.check_prior(prior)
@@ -322,8 +336,13 @@ class CrossEntropyAuto(Estimator):
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         if prior.has_log_prob:
             # The closed form has the same expectation as mc with no Monte-Carlo variance.
-            value = _closed_form_cross_entropy(batch, prior)
-            return value if value is not None else -prior.log_prob(batch.z)
+            key = _kl_pair_key(batch.posterior)
+            if key not in self._no_closed_form.get(prior, ()):
+                value = _closed_form_cross_entropy(batch, prior)
+                if value is not None:
+                    return value
+                self._no_closed_form.setdefault(prior, set()).add(key)
+            return -prior.log_prob(batch.z)
         return self.knn(batch, prior)
 
 

@@ -10,6 +10,7 @@ from torch import distributions as D
 
 from elbokit.errors import ElbokitError
 from elbokit.hookspecs import hookimpl
+from elbokit.ops import LOG_2PI
 from elbokit.priors import Prior
 
 
@@ -91,6 +92,28 @@ class GMMPrior(Prior):
             D.Categorical(logits=self.logits),
             D.MultivariateNormal(self.means, scale_tril=self.scale_tril),
         )
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) for z of shape (..., dim): the value of `distribution().log_prob(z)`.
+
+        Why not through `distribution()`: building `MixtureSameFamily(Categorical,
+        MultivariateNormal)` validates its arguments on every call, and its log_prob broadcasts
+        z against every component through several reshapes; in the `ed` objective's per-step
+        cross-entropy that was 1.4 ms of a 512-code batch's forward and backward, against
+        about 0.3 ms for the same arithmetic written out here: the differences to the K means
+        whitened by one triangular solve per component, the Gaussian log-densities (K, n) and a
+        logsumexp over K with the log-weights. Same maths as torch's (tests/test_priors.py
+        compares values and gradients)."""
+        shape = z.shape[:-1]
+        dtype = torch.promote_types(z.dtype, self.means.dtype)
+        flat = z.reshape(-1, z.shape[-1]).to(dtype)
+        tril = self.scale_tril.to(dtype)
+        diff = flat.T.unsqueeze(0) - self.means.to(dtype).unsqueeze(-1)  # (K, dim, n)
+        white = torch.linalg.solve_triangular(tril, diff, upper=False)
+        half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (K,)
+        log_weights = torch.log_softmax(self.logits.to(dtype), 0)
+        per_component = (log_weights - half_log_det - 0.5 * self.dim * LOG_2PI).unsqueeze(-1) - 0.5 * white.pow(2).sum(1)
+        return torch.logsumexp(per_component, 0).reshape(shape)
 
     def sample(self, n: int) -> torch.Tensor:
         return self.distribution().sample((n,))
