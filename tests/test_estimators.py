@@ -533,6 +533,34 @@ def test_cross_entropy_auto_uses_knn_for_a_sample_only_prior(fresh_registry):
     torch.testing.assert_close(auto, knn)
 
 
+
+def test_cross_entropy_auto_follows_the_kl_rules_torch_has_when_it_is_called(fresh_registry):
+    # auto remembers that the gmm prior has no closed form (it does not ask torch every step),
+    # and asks again once a KL rule is registered, as a fresh estimator would.
+    class Mixture(D.MixtureSameFamily):
+        pass
+
+    gmm = _make_priors(fresh_registry, 2)["gmm"]
+    gmm.distribution = lambda: Mixture(D.Categorical(logits=gmm.logits),
+                                       D.MultivariateNormal(gmm.means, scale_tril=gmm.scale_tril))
+    batch = aggregate_batch(64, 2, 0.5, seed=23)
+    auto = est(fresh_registry, "cross_entropy", "auto")
+    for _ in range(2):  # asked, then remembered: -log p(z) both times
+        torch.testing.assert_close(auto(batch, gmm), -gmm.distribution().log_prob(batch.z))
+
+    def fake_rule(q, p):  # a made-up closed form, to see that it is used
+        return q.mean.sum(-1) ** 2
+
+    D.register_kl(D.Independent, Mixture)(fake_rule)
+    try:
+        expected = fake_rule(batch.posterior, None) + batch.posterior.entropy()
+        torch.testing.assert_close(auto(batch, gmm), expected)
+    finally:
+        D.kl._KL_REGISTRY.pop((D.Independent, Mixture))
+        D.kl._KL_MEMOIZE.clear()
+    torch.testing.assert_close(auto(batch, gmm), -gmm.distribution().log_prob(batch.z))
+
+
 # ------------------------------------------------------------------------------- InfoNCE
 def _critic_batch(z: torch.Tensor, z_pos: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Batch:
     scale = torch.ones_like(z) if scale is None else scale

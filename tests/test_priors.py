@@ -216,3 +216,26 @@ def test_a_bank_not_larger_than_k_is_refused_in_one_line(fresh_registry, xent_es
         build_objective("recon,xent", prior, options={"xent": {"estimator": xent_estimator}}, registry=fresh_registry)
     assert "\n" not in str(info.value)
     build_objective("recon,xent", prior, options={"xent": {"estimator": xent_estimator, "k": 2}}, registry=fresh_registry)
+
+
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (512,)), (torch.float64, (7, 3)), (torch.float32, ())])
+def test_gmm_log_prob_equals_torch_mixture_in_value_and_gradient(gmm, dtype, shape):
+    # The written-out log-density against torch.distributions' MixtureSameFamily of the same
+    # parameters, for z of any batch shape: values to 1e-6 relative, gradients to float rounding.
+    prior = gmm.to(dtype)
+    g = torch.Generator().manual_seed(9)
+    z = (2.5 * torch.randn(*shape, 2, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    ours = prior.log_prob(z)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), z)
+    reference = prior.distribution().log_prob(z)
+    (grad_ref,) = torch.autograd.grad(reference.sum(), z)
+    assert ours.shape == reference.shape == shape
+    eps = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours, reference, rtol=eps, atol=0.0)
+    assert (grad_ours - grad_ref).abs().max() <= 8 * eps * grad_ref.abs().max()
+
+
+def test_gmm_log_prob_of_a_float32_prior_at_float64_codes_is_the_float64_mixture(gmm):
+    z = torch.tensor(np.random.default_rng(2).normal(size=(20, 2)))
+    expected = gmm.double().distribution().log_prob(z)
+    torch.testing.assert_close(gmm.float().log_prob(z), expected, rtol=1e-12, atol=1e-12)
