@@ -843,3 +843,15 @@ def test_gaussian_mixture_logsumexp_backward_equals_autograd_through_the_factors
         torch.testing.assert_close(out, ref, rtol=eps, atol=eps)
         for a, b in zip(g_out, g_ref):
             assert (a - b).abs().max() <= 4 * eps * b.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_own_log_density_is_torchs_posterior_log_prob_bit_for_bit(dtype):
+    from elbokit.default_plugins.estimators import own_log_density
+
+    g = torch.Generator().manual_seed(4)
+    loc = torch.randn(300, 5, generator=g, dtype=dtype)
+    scale = 1e-3 + torch.rand(300, 5, generator=g, dtype=dtype)
+    posterior = gaussian_posterior(loc, scale)
+    z = loc + scale * torch.randn(300, 5, generator=g, dtype=dtype)
+    assert torch.equal(own_log_density(Batch(x=loc, posterior=posterior, z=z)), posterior.log_prob(z))

@@ -28,6 +28,17 @@ def _require_dataset_size(batch: Batch, who: str) -> int:
     return batch.dataset_size
 
 
+def own_log_density(batch: Batch) -> torch.Tensor:
+    """log q(z_i|x_i), shape (B,), for the diagonal Gaussian posterior the pairwise estimators
+    need: `batch.posterior.log_prob(batch.z)` in torch's own formula (Normal.log_prob summed over
+    the latent dimensions), without its check of the sample. Why: with argument validation on
+    (torch's default) every call compares z with itself and reads the answer back to Python;
+    z is the batch's own sample of the posterior, whose parameters torch checked when the
+    posterior was built."""
+    loc, scale = batch.posterior_loc, batch.posterior_scale
+    return (-((batch.z - loc) ** 2) / (2 * scale**2) - scale.log() - math.log(math.sqrt(2 * math.pi))).sum(-1)
+
+
 CHUNK_HELP = ("rows per block of the pairwise log-density (unset: blocks sized to keep memory linear in the "
               "batch); changes memory and speed, not the value")
 
@@ -130,7 +141,7 @@ class EntropyMWS(Estimator):
         """log q^(z_i), (B,). `log_q_own` is log q(z_i|x_i) if the caller already has it."""
         n = _require_dataset_size(batch, "mws")
         if log_q_own is None:
-            log_q_own = batch.posterior.log_prob(batch.z)
+            log_q_own = own_log_density(batch)
         lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale,
                                          chunk=self.chunk, diagonal=log_q_own)
         return lse - math.log(n * batch.size)
@@ -155,7 +166,7 @@ class EntropyMSS(Estimator):
         n = _require_dataset_size(batch, "mss")
         # Circulant weights, not a dense (M, M) matrix: memory stays linear in the batch.
         lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale,
-                                         chunk=self.chunk, diagonal=batch.posterior.log_prob(batch.z),
+                                         chunk=self.chunk, diagonal=own_log_density(batch),
                                          circulant_log_weights=mss_circulant_log_weights(batch.size, n))
         return -lse
 
@@ -394,7 +405,7 @@ class InfoNCE(Estimator):
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         if self.critic == "encoder":
-            diag = batch.posterior.log_prob(batch.z)
+            diag = own_log_density(batch)
             lse = logsumexp_gaussian_mixture(batch.z, batch.posterior_loc, batch.posterior_scale,
                                              chunk=self.chunk, diagonal=diag)
         else:
@@ -431,7 +442,7 @@ class MutualInformationMWS(Estimator):
         self.entropy = EntropyMWS(chunk=chunk)
 
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
-        log_q_own = batch.posterior.log_prob(batch.z)
+        log_q_own = own_log_density(batch)
         return log_q_own - self.entropy.log_aggregate(batch, log_q_own)
 
 
