@@ -354,6 +354,79 @@ def logsumexp_scores(a: torch.Tensor, b: torch.Tensor, factor: float = 1.0, chun
     return torch.cat(outs) if outs else a.new_zeros(0)
 
 
+
+class _PairedScoresLogSumExp(torch.autograd.Function):
+    """(diag, lse) of the InfoNCE score matrix S = factor * a @ b.T with a, b the rows of z,
+    z_pos (unit-normalised first when `normalize`, as F.normalize does): diag_i = S_ii computed
+    as factor * (a_i . b_i) and put in S, lse_i = logsumexp_j S_ij, both differentiable.
+
+    Why written out: the cosine critic through autograd was two `F.normalize` (norm, clamp,
+    division, each with its backward), the diagonal's product and sum and the logsumexp's own
+    Function, some 30 recorded operations around two (K, K) passes. Here the backward is
+    G = P * grad_lse (P the softmax kept from the forward) with grad_diag added on the
+    diagonal, da = factor G @ b, db = factor G.T @ a, then the normalisation's Jacobian
+    (g - a (a . g)) / |z| (g / eps where |z| < eps, as F.normalize clamps). The same numbers
+    as autograd's to float rounding (tests/test_estimators.py)."""
+
+    @staticmethod
+    def forward(ctx, z, z_pos, factor, normalize):
+        eps = 1e-12  # F.normalize's default
+        if normalize:
+            norm_a = z.norm(dim=-1, keepdim=True)
+            norm_b = z_pos.norm(dim=-1, keepdim=True)
+            a, b = z / norm_a.clamp_min(eps), z_pos / norm_b.clamp_min(eps)
+        else:
+            a, b = z, z_pos
+            norm_a = norm_b = None
+        diag = (a * b).sum(-1) * factor
+        lse, p = _logsumexp_rows_(_scores(a, b, factor, a.dtype, diag, 0, None, None), softmax=True)
+        ctx.save_for_backward(a, b, p, norm_a, norm_b)
+        ctx.factor, ctx.normalize, ctx.eps = factor, normalize, eps
+        return diag, lse
+
+    @staticmethod
+    def backward(ctx, grad_diag, grad_lse):
+        a, b, p, norm_a, norm_b = ctx.saved_tensors
+        g = p * grad_lse[:, None] if grad_lse is not None else torch.zeros_like(p)
+        if grad_diag is not None:
+            g.diagonal().add_(grad_diag)
+        grad_a = (b.T @ g.T).T  # the fast layout, see _LogSumExpOfProduct
+        grad_b = (a.T @ g).T
+        if ctx.factor != 1.0:
+            grad_a, grad_b = grad_a * ctx.factor, grad_b * ctx.factor
+        if ctx.normalize:
+            grad_a = _normalize_backward(a, norm_a, grad_a, ctx.eps)
+            grad_b = _normalize_backward(b, norm_b, grad_b, ctx.eps)
+        return grad_a, grad_b, None, None
+
+
+def _normalize_backward(unit: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:
+    """The gradient through unit = x / max(|x|, eps) given the gradient at `unit`."""
+    projected = (grad - unit * (unit * grad).sum(-1, keepdim=True)) / norm.clamp_min(eps)
+    return torch.where(norm > eps, projected, grad / eps)
+
+
+def paired_scores_logsumexp(z: torch.Tensor, z_pos: torch.Tensor, factor: float = 1.0, normalize: bool = False,
+                            chunk: int | None = DEFAULT_CHUNK, max_unchunked: int = MAX_UNCHUNKED_PAIRS
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(diag, lse) for InfoNCE on pairs (z_i, z_pos_i): with a, b = z, z_pos (unit rows when
+    `normalize`), diag_i = factor * (a_i . b_i) and lse_i = logsumexp_j factor * (a_i . b_j)
+    with entry (i, i) equal to diag_i exactly, so that diag_i - lse_i <= 0 in floating point.
+
+    Up to `max_unchunked` pairs in one written-out function (`_PairedScoresLogSumExp`);
+    beyond, through `logsumexp_scores` in checkpointed row chunks (memory linear in K)."""
+    if z.shape != z_pos.shape:
+        raise ValueError("z and z_pos must have the same shape")
+    needs_grad = torch.is_grad_enabled() and (z.requires_grad or z_pos.requires_grad)
+    if z.shape[0] * z_pos.shape[0] <= max_unchunked and needs_grad:
+        return _PairedScoresLogSumExp.apply(z, z_pos, float(factor), bool(normalize))
+    import torch.nn.functional as F
+
+    a, b = (F.normalize(z, dim=-1), F.normalize(z_pos, dim=-1)) if normalize else (z, z_pos)
+    diag = (a * b).sum(-1) * factor
+    return diag, logsumexp_scores(a, b, factor, chunk=chunk, diagonal=diag, max_unchunked=max_unchunked)
+
+
 def log_unit_ball_volume(d: int) -> float:
     """log of the volume of the unit ball in R^d: pi^(d/2) / Gamma(d/2 + 1)."""
     return 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)

@@ -16,7 +16,7 @@ from elbokit.errors import ElbokitError, IncompatibleError
 from elbokit.estimators import Estimator, analytic_kl, has_analytic_kl, kl_to_prior, no_analytic_kl_sentence
 from elbokit.hookspecs import hookimpl
 from elbokit.ops import (LOG_2PI, kth_neighbour_distance, log_unit_ball_volume, logsumexp_gaussian_mixture,
-                         logsumexp_scores, pairwise_gaussian_log_density)
+                         paired_scores_logsumexp, pairwise_gaussian_log_density)
 from elbokit.priors import Prior
 
 
@@ -411,14 +411,12 @@ class InfoNCE(Estimator):
         else:
             if batch.z_pos is None:
                 raise ElbokitError(f"The InfoNCE '{self.critic}' critic needs positives (x_pos) in the batch.")
-            a, b, factor = batch.z, batch.z_pos, 1.0
-            if self.critic == "cosine":
-                a, b, factor = F.normalize(a, dim=-1), F.normalize(b, dim=-1), 1.0 / self.temperature
+            cosine = self.critic == "cosine"
             # The positive's score computed directly and put on the diagonal of every block, so
             # the same number enters both diag and lse; the (K, K) matrix is never kept whole
-            # for large K (see logsumexp_scores).
-            diag = (a * b).sum(-1) * factor
-            lse = logsumexp_scores(a, b, factor, chunk=self.chunk, diagonal=diag)
+            # for large K (see paired_scores_logsumexp).
+            diag, lse = paired_scores_logsumexp(batch.z, batch.z_pos, 1.0 / self.temperature if cosine else 1.0,
+                                                normalize=cosine, chunk=self.chunk)
         # diag - lse <= 0 exactly (lse includes the diagonal), so the value never exceeds log K.
         return math.log(batch.size) + (diag - lse)
 
