@@ -116,7 +116,7 @@ def _logsumexp_rows_(s: torch.Tensor, softmax: bool) -> tuple[torch.Tensor, torc
     products with gradients out of the subnormal range."""
     top = s.amax(1, keepdim=True)
     empty = top.isneginf()  # rows of -inf only: their value is -inf, as torch.logsumexp gives
-    top = top.masked_fill(~torch.isfinite(top), 0.0)
+    top = top.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # what masked_fill(~isfinite(top), 0) gives, in one op
     floor = math.log(torch.finfo(s.dtype).tiny) + LSE_FLOOR_MARGIN
     total = s.sub_(top).clamp_min_(floor).exp_().sum(1, keepdim=True)
     out = (total.log() + top).masked_fill(empty, -math.inf).squeeze(1)
@@ -379,7 +379,18 @@ class _PairedScoresLogSumExp(torch.autograd.Function):
             a, b = z, z_pos
             norm_a = norm_b = None
         diag = (a * b).sum(-1) * factor
-        lse, p = _logsumexp_rows_(_scores(a, b, factor, a.dtype, diag, 0, None, None), softmax=True)
+        if normalize and 0 < factor <= COSINE_SHIFT_MAX_FACTOR:
+            # Cosine scores lie in [-factor, factor]: shifted by the constant factor instead of
+            # the row maximum, every entry is in [-2 factor, 0] and exp cannot underflow, so
+            # the row maximum, the clamp and their passes are not needed. lse >= diag holds
+            # mathematically; the maximum restores it where rounding would break it.
+            s = (a * factor) @ b.T
+            s.diagonal().copy_(diag)
+            total = s.sub_(factor).exp_().sum(1, keepdim=True)
+            lse = torch.maximum(total.log().squeeze(1) + factor, diag)
+            p = s.div_(total)
+        else:
+            lse, p = _logsumexp_rows_(_scores(a, b, factor, a.dtype, diag, 0, None, None), softmax=True)
         ctx.save_for_backward(a, b, p, norm_a, norm_b)
         ctx.factor, ctx.normalize, ctx.eps = factor, normalize, eps
         return diag, lse
@@ -398,6 +409,12 @@ class _PairedScoresLogSumExp(torch.autograd.Function):
             grad_a = _normalize_backward(a, norm_a, grad_a, ctx.eps)
             grad_b = _normalize_backward(b, norm_b, grad_b, ctx.eps)
         return grad_a, grad_b, None, None
+
+
+COSINE_SHIFT_MAX_FACTOR = 25.0
+"""Up to this factor (temperature >= 0.04) the cosine scores are shifted by the constant
+factor: exp then sees numbers >= -50, and the softmax (>= e^-50 / K, used up to K = 1448)
+stays far above float32's subnormal range (1.2e-38), whose arithmetic is slow."""
 
 
 def _normalize_backward(unit: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:

@@ -857,7 +857,7 @@ def test_own_log_density_is_torchs_posterior_log_prob_bit_for_bit(dtype):
     assert torch.equal(own_log_density(Batch(x=loc, posterior=posterior, z=z)), posterior.log_prob(z))
 
 
-@pytest.mark.parametrize("normalize, factor", [(True, 10.0), (False, 1.0), (False, 0.5)])
+@pytest.mark.parametrize("normalize, factor", [(True, 10.0), (True, 30.0), (False, 1.0), (False, 0.5)])
 def test_paired_scores_logsumexp_equals_autograd_with_gradients(normalize, factor):
     # The InfoNCE critics' written-out function (normalisation, diagonal and logsumexp in one
     # backward) against autograd through F.normalize, the diagonal's product and
