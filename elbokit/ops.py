@@ -138,8 +138,10 @@ class _LogSumExpOfProduct(torch.autograd.Function):
     written as right.T @ G.T (measured at M = 512: 0.52 ms against 0.10 ms in float32). Here the
     forward keeps the softmax P = exp(S - out) it has already formed, and the backward is
     G = P * grad (diagonal moved to the diagonal's own gradient) and two products in the fast
-    layout. Constant log weights (no gradient) may be added to S; the values are those of the
-    autograd form (tests/test_estimators.py compares values and gradients)."""
+    layout. The thin factor is made contiguous in its transposed layout first (a copy of
+    (2L + 1) x M numbers): in float64 at M = 512 that took the two products from 0.70 and 0.53 ms
+    to 0.57 and 0.46 ms. Constant log weights (no gradient) may be added to S; the values are
+    those of the autograd form (tests/test_estimators.py compares values and gradients)."""
 
     @staticmethod
     def forward(ctx, left, right, diagonal, factor, out_dtype, offset, log_w, circulant):
@@ -161,11 +163,11 @@ class _LogSumExpOfProduct(torch.autograd.Function):
         g = g.to(left.dtype)
         grad_left = grad_right = None
         if ctx.needs_input_grad[0]:
-            grad_left = (right.T @ g.T).T
+            grad_left = (right.T.contiguous() @ g.T).T
             if ctx.factor != 1.0:
                 grad_left = grad_left * ctx.factor
         if ctx.needs_input_grad[1]:
-            grad_right = (left.T @ g).T
+            grad_right = (left.T.contiguous() @ g).T
             if ctx.factor != 1.0:
                 grad_right = grad_right * ctx.factor
         return grad_left, grad_right, grad_diagonal, None, None, None, None, None
@@ -247,10 +249,10 @@ class _LogSumExpGaussianMixture(torch.autograd.Function):
         g = g.to(left.dtype)
         grad_z = grad_loc = grad_scale = None
         if ctx.needs_input_grad[0]:
-            a = (right.T @ g.T).T  # the fast layout, see _LogSumExpOfProduct
+            a = (right.T.contiguous() @ g.T).T  # the fast layout, see _LogSumExpOfProduct
             grad_z = (2.0 * left[:, dim:2 * dim] * a[:, :dim] + a[:, dim:2 * dim]).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            b = (left.T @ g).T
+            b = (left.T.contiguous() @ g).T
             b_z2, b_z, b_1 = b[:, :dim], b[:, dim:2 * dim], b[:, 2 * dim:]
             if ctx.needs_input_grad[1]:
                 grad_loc = (precision * (b_z - loc64 * b_1)).to(ctx.dtypes[1])
