@@ -559,6 +559,10 @@ def test_cross_entropy_auto_follows_the_kl_rules_torch_has_when_it_is_called(fre
         D.kl._KL_REGISTRY.pop((D.Independent, Mixture))
         D.kl._KL_MEMOIZE.clear()
     torch.testing.assert_close(auto(batch, gmm), -gmm.distribution().log_prob(batch.z))
+    import pickle
+
+    again = pickle.loads(pickle.dumps(auto))  # what it remembers is not part of its state
+    torch.testing.assert_close(again(batch, gmm), -gmm.distribution().log_prob(batch.z))
 
 
 # ------------------------------------------------------------------------------- InfoNCE

@@ -341,6 +341,15 @@ class CrossEntropyAuto(Estimator):
         # that depends only on the types and the rules registered (see _kl_pair_key).
         self._no_closed_form: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+    def __getstate__(self):  # the remembered answers are derived and hold weak references: not pickled
+        state = self.__dict__.copy()
+        state.pop("_no_closed_form", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._no_closed_form = weakref.WeakKeyDictionary()
+
     def check_prior(self, prior: Prior) -> str | None:
         return None if prior.has_log_prob else self.knn.check_prior(prior)
 
