@@ -99,8 +99,8 @@ class GMMPrior(Prior):
         Why not through `distribution()`: building `MixtureSameFamily(Categorical,
         MultivariateNormal)` validates its arguments on every call, and its log_prob broadcasts
         z against every component through several reshapes; in the `ed` objective's per-step
-        cross-entropy that was 1.4 ms of a 512-code batch's forward and backward, against
-        about 0.3 ms for the same arithmetic written out here: the differences to the K means
+        cross-entropy that was 1.2-1.4 ms of a 512-code batch's forward and backward, against
+        0.5-0.9 ms for the same arithmetic written out here (docs/benchmarks.md): the differences to the K means
         whitened by one triangular solve per component, the Gaussian log-densities (K, n) and a
         logsumexp over K with the log-weights. Same maths as torch's (tests/test_priors.py
         compares values and gradients)."""
