@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LOG_2PI = math.log(2 * math.pi)
@@ -203,10 +204,10 @@ class _LogSumExpGaussianMixture(torch.autograd.Function):
     Why: autograd recorded some 25 small operations per call for the factors (casts to float64,
     centring, the precision, the column constant, two concatenations) and as many in the
     backward, about 0.3 ms of a 512-row `mws` entropy's 4-7 ms forward and backward on one
-    loaded CPU thread (measured interleaved with the autograd form). With G = P * grad the softmax weights (replaced entries moved to the diagonal's
-    gradient), A = G @ [-p/2, loc p, c] and B = G.T @ [z^2, z, 1] (p = scale^-2, all after
-    centring, float64), the chain rule through S_rj = -(1/2) sum_l (z_rl - loc_jl)^2 p_jl
-    - sum_l log scale_jl - (L/2) log 2 pi gives
+    loaded CPU thread (measured interleaved with the autograd form). With G = P * grad the
+    softmax weights (replaced entries moved to the diagonal's gradient), A = G @ [-p/2, loc p, c]
+    and B = G.T @ [z^2, z, 1] (p = scale^-2, all after centring, float64), the chain rule
+    through S_rj = -(1/2) sum_l (z_rl - loc_jl)^2 p_jl - sum_l log scale_jl - (L/2) log 2 pi gives
         dz = 2 z A_z2 + A_z,   dloc = p (B_z - loc B_1),
         dscale = (p / scale) (B_z2 - 2 loc B_z + loc^2 B_1) - B_1 / scale,
     the same numbers autograd forms through the factors (tests/test_estimators.py compares
@@ -356,7 +357,6 @@ def logsumexp_scores(a: torch.Tensor, b: torch.Tensor, factor: float = 1.0, chun
     return torch.cat(outs) if outs else a.new_zeros(0)
 
 
-
 class _PairedScoresLogSumExp(torch.autograd.Function):
     """(diag, lse) of the InfoNCE score matrix S = factor * a @ b.T with a, b the rows of z,
     z_pos (unit-normalised first when `normalize`, as F.normalize does): diag_i = S_ii computed
@@ -439,8 +439,6 @@ def paired_scores_logsumexp(z: torch.Tensor, z_pos: torch.Tensor, factor: float 
     needs_grad = torch.is_grad_enabled() and (z.requires_grad or z_pos.requires_grad)
     if z.shape[0] * z_pos.shape[0] <= max_unchunked and needs_grad:
         return _PairedScoresLogSumExp.apply(z, z_pos, float(factor), bool(normalize))
-    import torch.nn.functional as F
-
     a, b = (F.normalize(z, dim=-1), F.normalize(z_pos, dim=-1)) if normalize else (z, z_pos)
     diag = (a * b).sum(-1) * factor
     return diag, logsumexp_scores(a, b, factor, chunk=chunk, diagonal=diag, max_unchunked=max_unchunked)

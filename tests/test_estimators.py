@@ -875,7 +875,8 @@ def test_paired_scores_logsumexp_equals_autograd_with_gradients(normalize, facto
     g = torch.Generator().manual_seed(6)
     z, zp = torch.randn(200, 5, generator=g, dtype=torch.float64), torch.randn(200, 5, generator=g, dtype=torch.float64)
     z[7] = 0.0
-    cot_d, cot_l = torch.randn(200, generator=g, dtype=torch.float64), torch.randn(200, generator=g, dtype=torch.float64)
+    cot_d = torch.randn(200, generator=g, dtype=torch.float64)
+    cot_l = torch.randn(200, generator=g, dtype=torch.float64)
 
     def grads(fn, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (z, zp)]

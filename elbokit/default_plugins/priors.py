@@ -48,9 +48,10 @@ class GMMPrior(Prior):
 
     `samples` (n, dim) are fitted by `sklearn.mixture.GaussianMixture` with full covariances;
     `n_components` is given, or chosen by BIC over 1..`max_components` when 0 / None. The
-    fitted weights, means and Cholesky factors are held as buffers and used through
-    `MixtureSameFamily(Categorical, MultivariateNormal)`, so `log_prob` is differentiable in z
-    and equals sklearn's `score_samples`.
+    fitted weights, means and Cholesky factors are held as buffers; `distribution()` is
+    `MixtureSameFamily(Categorical, MultivariateNormal)` of them (sampling), and `log_prob`,
+    differentiable in z, computes its value directly (see there) and equals sklearn's
+    `score_samples`.
     """
 
     name = "gmm"
@@ -100,9 +101,9 @@ class GMMPrior(Prior):
         MultivariateNormal)` validates its arguments on every call, and its log_prob broadcasts
         z against every component through several reshapes; in the `ed` objective's per-step
         cross-entropy that was 1.2-1.4 ms of a 512-code batch's forward and backward, against
-        0.5-0.9 ms for the same arithmetic written out here (docs/benchmarks.md): the differences to the K means
-        whitened by one triangular solve per component, the Gaussian log-densities (K, n) and a
-        logsumexp over K with the log-weights. Same maths as torch's (tests/test_priors.py
+        0.5-0.9 ms for the same arithmetic written out here (docs/benchmarks.md): the
+        differences to the K means whitened by one triangular solve per component, the Gaussian
+        log-densities (K, n) and a logsumexp over K with the log-weights. Same maths as torch's (tests/test_priors.py
         compares values and gradients)."""
         shape = z.shape[:-1]
         dtype = torch.promote_types(z.dtype, self.means.dtype)
@@ -112,7 +113,8 @@ class GMMPrior(Prior):
         white = torch.linalg.solve_triangular(tril, diff, upper=False)
         half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (K,)
         log_weights = torch.log_softmax(self.logits.to(dtype), 0)
-        per_component = (log_weights - half_log_det - 0.5 * self.dim * LOG_2PI).unsqueeze(-1) - 0.5 * white.pow(2).sum(1)
+        constant = log_weights - half_log_det - 0.5 * self.dim * LOG_2PI  # (K,)
+        per_component = constant.unsqueeze(-1) - 0.5 * white.pow(2).sum(1)  # (K, n)
         return torch.logsumexp(per_component, 0).reshape(shape)
 
     def sample(self, n: int) -> torch.Tensor:
