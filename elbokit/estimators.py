@@ -136,5 +136,5 @@ def has_analytic_kl(prior: Prior) -> bool:
         return False
     from .batch import gaussian_posterior
 
-    loc = prior._anchor.new_zeros(1, prior.dim)
+    loc = torch.zeros(1, prior.dim, device=prior.device, dtype=prior.dtype)
     return analytic_kl(gaussian_posterior(loc, torch.ones_like(loc)), dist) is not None

@@ -79,7 +79,7 @@ def no_per_dimension_kl(prior: Prior) -> str | None:
     dist = prior.distribution() if prior.has_log_prob else None
     if dist is None:
         return f"prior '{prior.name}' has no density"
-    probe = prior._anchor.new_zeros(1, prior.dim)
+    probe = torch.zeros(1, prior.dim, device=prior.device, dtype=prior.dtype)
     if not (isinstance(dist, D.Independent) and dist.reinterpreted_batch_ndims == 1 and dist.base_dist.event_shape == ()):
         return (f"prior '{prior.name}' is not a product of one-dimensional distributions over the latent "
                 f"dimensions ({type(dist).__name__} couples them)")
