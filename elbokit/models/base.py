@@ -104,9 +104,9 @@ class Model(nn.Module):
 
     joint_positive_pass = True
     """Whether `encode_pair` may encode x and x+ in one pass. One pass of 2B rows does the work
-    of two passes of B in fewer, larger operations (measured in docs/benchmarks.md); the
-    result is the same up to float rounding for an encoder that treats each example on its
-    own. Set it to False for an encoder whose output for one example depends on the others
+    of two passes of B in fewer, larger operations (at one thread it measured the same as two
+    passes, docs/benchmarks.md; two threads were not measured apart); the result is the same
+    up to float rounding for an encoder that treats each example on its own. Set it to False for an encoder whose output for one example depends on the others
     in its batch; batch normalisation is detected and always gets two passes."""
 
     def encode_pair(self, x: torch.Tensor, x_pos: torch.Tensor):
