@@ -194,7 +194,7 @@ class Objective(nn.Module):
     def forward(self, batch: Batch) -> ObjectiveOutput:
         if batch.dataset_size is None and self.dataset_size is not None:
             batch = dataclasses.replace(batch, dataset_size=self.dataset_size)
-        total = batch.z.new_zeros(batch.size)
+        total: torch.Tensor | None = None
         values: dict[str, torch.Tensor] = {}
         if self.global_batch is not None:  # several processes: see elbokit.distributed
             per_term = self.global_batch.evaluate(self, batch)
@@ -202,7 +202,12 @@ class Objective(nn.Module):
             per_term = {name: term.contributions(batch, self.prior) for name, term in self.terms.items()}
         for name, (value, per_example) in per_term.items():
             values[name] = value.detach().mean()  # the reported value (see ElboTerm.contributions)
-            total = total + self.effective_weight(name) * per_example
+            weight = self.effective_weight(name)
+            # Skipping "0 +" and "1 *" gives the same numbers with fewer operations per step.
+            weighted = per_example if weight == 1 else weight * per_example
+            total = weighted if total is None else total + weighted
+        if total is None:
+            total = batch.z.new_zeros(batch.size)
         return ObjectiveOutput(loss=total.mean(), terms=values, per_example=total.detach())
 
     def reconstruction_likelihood(self) -> nn.Module | None:

@@ -117,12 +117,35 @@ def save_checkpoint(path: str | Path, **parts: Any) -> None:
     write_bytes(path, checkpoint_bytes(**parts))
 
 
-def checkpoint_bytes(*, model: Any, objective: Any, optimizer: Any, data_generator: torch.Generator,
-                     state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> bytes:
-    """One checkpoint as safetensors bytes. `extra`: more tensors, e.g. the position in an
-    interrupted epoch (`partial.*`)."""
-    from safetensors.torch import save
+class CheckpointSnapshot:
+    """A checkpoint's contents taken now and serialised later: CPU copies of the tensors and
+    the metadata already as JSON, so that training can go on changing the originals.
 
+    Why not serialise at once: the CRC-32 and safetensors' encoding are most of a checkpoint's
+    cost (about 4 of 5 ms for the default model), and a best model reached between two
+    checkpoint writes (train.checkpoint_seconds) is usually replaced by a better one before it
+    is written; the copies alone are about 0.7 ms (docs/benchmarks.md)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
+        self.tensors = tensors
+        self._meta_json = json.dumps(meta)  # now: the state it holds keeps changing
+        self._bytes: bytes | None = None
+
+    def to_bytes(self) -> bytes:
+        """The safetensors file's bytes (computed once)."""
+        if self._bytes is None:
+            from safetensors.torch import save
+
+            meta = json.loads(self._meta_json)
+            meta["crc32"] = tensors_crc32(self.tensors)
+            self._bytes = save(self.tensors, metadata={META_KEY: json.dumps(meta)})
+        return self._bytes
+
+
+def checkpoint_snapshot(*, model: Any, objective: Any, optimizer: Any, data_generator: torch.Generator,
+                        state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> CheckpointSnapshot:
+    """One checkpoint, copied now and serialised by `CheckpointSnapshot.to_bytes`. `extra`:
+    more tensors, e.g. the position in an interrupted epoch (`partial.*`)."""
     tensors: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         tensors[f"model.{k}"] = _cpu(v)
@@ -137,9 +160,13 @@ def checkpoint_bytes(*, model: Any, objective: Any, optimizer: Any, data_generat
     tensors.update({k: _cpu(v) for k, v in rng_tensors.items()})
     tensors.update({k: _cpu(v) for k, v in (extra or {}).items()})
     meta = dict(state)
-    meta.update(format=FORMAT_VERSION, rng=rng_meta,
-                optimizer={"param_groups": opt_state["param_groups"]}, crc32=tensors_crc32(tensors))
-    return save(tensors, metadata={META_KEY: json.dumps(meta)})
+    meta.update(format=FORMAT_VERSION, rng=rng_meta, optimizer={"param_groups": opt_state["param_groups"]})
+    return CheckpointSnapshot(tensors, meta)
+
+
+def checkpoint_bytes(**parts: Any) -> bytes:
+    """One checkpoint as safetensors bytes; `parts` as for `checkpoint_snapshot`."""
+    return checkpoint_snapshot(**parts).to_bytes()
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

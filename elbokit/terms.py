@@ -62,7 +62,8 @@ class ElboTerm(nn.Module):
     def forward(self, batch: Batch, prior: Prior) -> torch.Tensor:
         if self.estimator is None:
             raise NotImplementedError(f"Term '{self.name}' has no estimator and no forward.")
-        return self.sign * self.estimator(batch, prior)
+        value = self.estimator(batch, prior)
+        return value if self.sign == 1 else self.sign * value  # the same numbers, one operation fewer
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
