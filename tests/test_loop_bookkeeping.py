@@ -149,3 +149,27 @@ def test_parameter_check_has_no_false_alarm_when_a_sum_overflows(tmp_path):
         weight[-1, -1] = -math.inf
     with pytest.raises(TrainingDiverged, match="parameters became NaN or Inf"):
         trainer._check_finite(1, never, 0, None)
+
+
+def test_the_trainers_adam_updates_are_torchs_default_bit_for_bit(tmp_path):
+    """The trainer's Adam uses the foreach implementation for speed; runs keep their numbers
+    only if it updates exactly as torch's default (per-tensor on CPU) does."""
+    import copy
+
+    trainer = _trainer(tmp_path)
+    assert trainer.optimizer.defaults["foreach"] is True
+    model = trainer.model
+    reference = copy.deepcopy(model)
+    default = torch.optim.Adam(reference.parameters(), lr=trainer.optimizer.defaults["lr"])
+    assert default.defaults["foreach"] is None  # torch's default: per-tensor on CPU
+    x = trainer.setup.splits["train"].x[:50]
+    start = [p.detach().clone() for p in model.parameters()]
+    for step in range(5):
+        for m, opt in ((model, trainer.optimizer), (reference, default)):
+            torch.manual_seed(step)
+            loss = trainer.objective(m(x, None, dataset_size=200)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), start))  # it trained
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
