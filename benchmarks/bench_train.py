@@ -33,7 +33,8 @@ machine other jobs load: with one thread it is the work a row did, whatever the 
 gave to other processes). Rows run round-robin (`--repeats` rounds of every row in turn) so load on a shared machine hits
 every row alike; the table gives the median over rounds, as the time per 512 training examples
 (an epoch's time over the examples it trained on, x 512: ms per step for the rows that drop the
-last partial batch) and its ratios. Ratios are what to read, not absolute times.
+last partial batch) and its ratios; a second table gives the main ratios within each round
+(median, lowest and highest over rounds). Ratios are what to read, not absolute times.
 """
 
 from __future__ import annotations
@@ -229,6 +230,15 @@ def main() -> None:
         plain = f"{ms[CLASSIC] / value:.2f}x" if name.startswith("elbokit") else "-"
         print(f"| {name} | {value:.2f} | {ms[HAND_VAL] / value:.2f}x | {vs_pythae} | {same} | {plain} |")
     print("\n(Ratios are speeds: above 1x is faster than the row compared with.)")
+    # The same ratios within each round (rows of one round ran minutes apart at most), so that
+    # the spread from round to round shows how far a single figure can be trusted.
+    pairs = [(CLASSIC, HAND_VAL), (CLASSIC, HAND), (CLASSIC, PYTHAE), (ED, CLASSIC), (ED_GMM, CLASSIC_GMM)]
+    print("\n| speed of | vs | median over rounds | lowest | highest |")
+    print("|---|---|---:|---:|---:|")
+    for row, base in pairs:
+        if row in per_512 and base in per_512:
+            ratios = [b / r for r, b in zip(per_512[row], per_512[base])]
+            print(f"| {row} | {base} | {statistics.median(ratios):.2f}x | {min(ratios):.2f}x | {max(ratios):.2f}x |")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,15 @@ class StandardNormalPrior(Prior):
     has_rsample = True
 
     def distribution(self) -> D.Distribution:
-        loc = self._anchor.new_zeros(self.dim)
-        # Constant, valid parameters: torch's argument checks would only cost time (the kl
-        # term builds this in every step).
-        return D.Independent(D.Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
+        # Constant parameters: built once per device and dtype (the kl term asks for it in
+        # every step), without torch's argument checks, which could only pass.
+        key = (self._anchor.device, self._anchor.dtype)
+        cached = self.__dict__.get("_distribution")
+        if cached is None or cached[0] != key:
+            loc = self._anchor.new_zeros(self.dim)
+            dist = D.Independent(D.Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
+            self.__dict__["_distribution"] = cached = (key, dist)
+        return cached[1]
 
     def sample(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.dim, device=self.device, dtype=self._anchor.dtype)
