@@ -72,6 +72,8 @@ class ObjectiveOutput:
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
     per_example: torch.Tensor
+    term_values: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Each term's reported value per example, shape (B,), detached (`terms` are their means)."""
 
 
 WARMUP_KEYS = ("warmup", "warmup_steps", "warmup_ratio", "warmup_cycles")
@@ -196,19 +198,21 @@ class Objective(nn.Module):
             batch = dataclasses.replace(batch, dataset_size=self.dataset_size)
         total: torch.Tensor | None = None
         values: dict[str, torch.Tensor] = {}
+        term_values: dict[str, torch.Tensor] = {}
         if self.global_batch is not None:  # several processes: see elbokit.distributed
             per_term = self.global_batch.evaluate(self, batch)
         else:
             per_term = {name: term.contributions(batch, self.prior) for name, term in self.terms.items()}
         for name, (value, per_example) in per_term.items():
-            values[name] = value.detach().mean()  # the reported value (see ElboTerm.contributions)
+            term_values[name] = value.detach()
+            values[name] = term_values[name].mean()  # the reported value (see ElboTerm.contributions)
             weight = self.effective_weight(name)
             # Skipping "0 +" and "1 *" gives the same numbers with fewer operations per step.
             weighted = per_example if weight == 1 else weight * per_example
             total = weighted if total is None else total + weighted
         if total is None:
             total = batch.z.new_zeros(batch.size)
-        return ObjectiveOutput(loss=total.mean(), terms=values, per_example=total.detach())
+        return ObjectiveOutput(loss=total.mean(), terms=values, per_example=total.detach(), term_values=term_values)
 
     def reconstruction_likelihood(self) -> nn.Module | None:
         """The likelihood of the first term that has one (the `recon` term), else None."""

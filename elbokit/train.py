@@ -266,16 +266,19 @@ def validation_metrics(setup: Setup, split: Any, seed: int) -> dict[str, float]:
     devices = [split.x.device] if split.x.device.type == "cuda" else []
     sums = {"recon": 0.0, "kl": 0.0, "loss": 0.0}
     totals = {k: torch.zeros((), dtype=split.x.dtype, device=split.x.device) for k in sums}  # x may be streamed
+    recon_term, kl_term = _same_as_validation(setup)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for idx in chunks:
             x = split.x[idx]
             x_pos = split.x_pos[idx] if setup.needs_positives else None
             batch = model(x, x_pos, dataset_size=setup.objective.dataset_size)
-            totals["recon"] += (-setup.likelihood.log_prob(x, batch.x_recon)).sum()
+            out = objective(batch)
+            recon = out.term_values[recon_term] if recon_term else -setup.likelihood.log_prob(x, batch.x_recon)
+            totals["recon"] += recon.sum()
             if has_log_prob:
-                totals["kl"] += kl_to_prior(batch, setup.prior).sum()
-            totals["loss"] += objective(batch).loss * len(idx)
+                totals["kl"] += (out.term_values[kl_term] if kl_term else kl_to_prior(batch, setup.prior)).sum()
+            totals["loss"] += out.loss * len(idx)
     sums = {k: float(v) / n for k, v in totals.items()}
     model.train(was_training)
     objective.train(was_training)
@@ -286,6 +289,23 @@ def validation_metrics(setup: Setup, split: Any, seed: int) -> dict[str, float]:
     else:
         out["neg_elbo"] = None
     return out
+
+
+def _same_as_validation(setup: Setup) -> tuple[str | None, str | None]:
+    """The names of the objective's terms whose reported values are, bit for bit, what the
+    validation pass computes (the built-in recon term with the validation's likelihood; the
+    built-in kl term with the analytic or auto estimator, both the same call as validation's
+    `auto`), so that validation reads them instead of computing them again; None for none."""
+    from .default_plugins.estimators import AnalyticKL, AutoKL
+    from .default_plugins.terms import KL, Reconstruction
+
+    recon = kl = None
+    for name, term in setup.objective.terms.items():
+        if recon is None and type(term) is Reconstruction and term.likelihood is setup.likelihood:
+            recon = name
+        if kl is None and type(term) is KL and type(term.estimator) in (AnalyticKL, AutoKL) and term.free_bits == 0:
+            kl = name
+    return recon, kl
 
 
 # -- the loop ----------------------------------------------------------------------------

@@ -173,3 +173,42 @@ def test_the_trainers_adam_updates_are_torchs_default_bit_for_bit(tmp_path):
             opt.step()
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), start))  # it trained
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("terms, options", [
+    ("classic", {}),
+    ("recon,kl", {"kl": {"estimator": "analytic"}}),
+    ("recon,kl", {"kl": {"estimator": "mc"}}),
+    ("recon,kl", {"kl": {"free_bits": 0.5}}),
+    ("ed", {}),
+])
+@pytest.mark.parametrize("prior", ["standard-normal", "gmm"])
+def test_validation_reading_the_objectives_terms_gives_the_numbers_computed_apart(tmp_path, terms, options, prior):
+    """Validation reads recon and kl from the objective's own terms where they are the same
+    computation: the metrics must equal, bit for bit, the ones computed separately."""
+    from elbokit import config
+    from elbokit import train as train_mod
+    from elbokit.errors import ElbokitError
+
+    overrides = {"data": {"n": 300}, "model": {"hidden": [16]}, "objective": {"terms": terms},
+                 "prior": {"name": prior}, "terms": options,
+                 "train": {"max_epochs": 1, "batch_size": 50, "evaluate": False},
+                 "output": {"out": str(tmp_path / "r")}}
+    try:
+        setup = train_mod.prepare(config.resolve(overrides=overrides))
+    except ElbokitError:
+        assert prior == "gmm" and (terms == "recon,kl" and options.get("kl", {}).get("estimator") == "analytic"
+                                   or "free_bits" in options.get("kl", {}))
+        return
+    reads = train_mod._same_as_validation(setup)
+    expected_kl = None if options.get("kl", {}).get("estimator") == "mc" or "free_bits" in options.get("kl", {}) \
+        or "kl" not in setup.objective.terms else "kl"
+    assert reads == ("recon", expected_kl)
+    fast = train_mod.validation_metrics(setup, setup.splits["val"], 3)
+    original = train_mod._same_as_validation
+    train_mod._same_as_validation = lambda s: (None, None)  # compute recon and kl apart, as before
+    try:
+        apart = train_mod.validation_metrics(setup, setup.splits["val"], 3)
+    finally:
+        train_mod._same_as_validation = original
+    assert fast == apart
