@@ -45,3 +45,21 @@ def fresh_registry():
     set_registry(registry)
     yield registry
     set_registry(None)
+
+
+@pytest.fixture
+def interrupting_reporter():
+    """A training reporter class that raises KeyboardInterrupt at training step `at` (counted
+    from 1 in this process), as user code or a second Ctrl-C does: `interrupting_reporter(at)`."""
+    from elbokit.train import SilentReporter
+
+    class InterruptAtStep(SilentReporter):
+        def __init__(self, at: int):
+            self.at, self.steps = at, 0
+
+        def step(self):
+            self.steps += 1
+            if self.steps == self.at:
+                raise KeyboardInterrupt
+
+    return InterruptAtStep

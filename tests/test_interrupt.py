@@ -130,26 +130,18 @@ def test_a_signal_saves_the_position_in_the_epoch_and_resuming_is_exact(
     assert_same_run(out, reference)
 
 
-def test_a_keyboard_interrupt_from_code_keeps_the_last_complete_epoch(tmp_path, reference):
+def test_a_keyboard_interrupt_from_code_keeps_the_last_complete_epoch(tmp_path, reference, interrupting_reporter):
     """Without the signal handler's step boundary (e.g. a second Ctrl-C), the stop is
     immediate and checkpoints/last keeps the last complete epoch; resuming is still exact."""
     from elbokit import config
-    from elbokit.train import SilentReporter, TrainingInterrupted, train
-
-    class InterruptMidEpoch(SilentReporter):
-        steps = 0
-
-        def step(self):
-            self.steps += 1
-            if self.steps == STEPS_PER_EPOCH + 1:
-                raise KeyboardInterrupt
+    from elbokit.train import TrainingInterrupted, train
 
     cfg = config.resolve(overrides={
         "data": {"n": 300}, "model": {"hidden": [16]}, "objective": {"terms": "ed"},
         "train": {"max_epochs": 4, "patience": 50, "batch_size": 64, "evaluate": False},
         "output": {"out": str(tmp_path / "run")}})
     with pytest.raises(TrainingInterrupted) as info:
-        train(cfg, reporter=InterruptMidEpoch())
+        train(cfg, reporter=interrupting_reporter(STEPS_PER_EPOCH + 1))
     assert info.value.epoch == 1 and info.value.step_in_epoch == 0
     train(resume=tmp_path / "run")
     assert_same_run(tmp_path / "run", reference)

@@ -88,26 +88,18 @@ def test_a_resumed_run_clears_its_recorded_status(runs_dir, tmp_path):
     assert run_info(run)["status"] == "finished" and run_info(run)["epochs"] == 4
 
 
-def test_a_keyboard_interrupt_from_code_is_recorded(tmp_path):
+def test_a_keyboard_interrupt_from_code_is_recorded(tmp_path, interrupting_reporter):
     """A KeyboardInterrupt raised by code (or a second Ctrl-C) stops at once: recorded too."""
     from elbokit import config
     from elbokit.runs import run_info
-    from elbokit.train import SilentReporter, TrainingInterrupted, train
-
-    class InterruptInEpoch2(SilentReporter):
-        steps = 0
-
-        def step(self):
-            self.steps += 1
-            if self.steps == STEPS_PER_EPOCH + 1:
-                raise KeyboardInterrupt
+    from elbokit.train import TrainingInterrupted, train
 
     cfg = config.resolve(overrides={
         "data": {"dataset": "gaussian", "n": 300}, "model": {"hidden": [16]},
         "train": {"max_epochs": 3, "patience": 50, "batch_size": 64, "evaluate": False},
         "output": {"out": str(tmp_path / "run")}})
     with pytest.raises(TrainingInterrupted):
-        train(cfg, reporter=InterruptInEpoch2())
+        train(cfg, reporter=interrupting_reporter(STEPS_PER_EPOCH + 1))
     info = run_info(tmp_path / "run")
     assert info["status"] == "interrupted" and info["status_detail"] == "Interrupted after epoch 1."
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"]["signal"] is None
