@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -46,6 +47,17 @@ RESUMABLE_OVERRIDES = {
     "train": {"max_epochs", "patience", "lr", "grad_clip", "device", "evaluate", "threads", "checkpoint_seconds"},
     "output": {"tensorboard", "mlflow", "name", "tags"},
 }
+
+
+def resume_command(run_dir: Path | str) -> str:
+    """The command that resumes `run_dir`; under torchrun, with the same number of processes
+    (the exact resume needs them), read from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world == 1:
+        return f"elbokit train --resume {run_dir}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    where = "" if local == world else f" on each of the {world // local} machines"
+    return f"torchrun --nproc-per-node {local} -m elbokit train --resume {run_dir}{where}"
 
 
 class TrainingDiverged(ElbokitError):
@@ -83,7 +95,7 @@ class RunWriteFailed(Exception):
         else:
             where = "the initial state" if written_epoch == 0 else f"epoch {written_epoch}"
             message = (f"Could not write{target or ' the run directory'}: {what}; the last checkpoint ({where}) is "
-                       f"intact. Free space or fix the directory, then resume with: elbokit train --resume {run_dir}")
+                       f"intact. Free space or fix the directory, then resume with: {resume_command(run_dir)}")
         super().__init__(message)
         self.run_dir, self.written_epoch, self.cause = run_dir, written_epoch, cause
 
@@ -994,7 +1006,7 @@ class Trainer:
         return TrainingDiverged(
             f"Training diverged: {what} (epoch {epoch}); the last good checkpoint (epoch {kept}"
             f"{': the initial state' if kept == 0 else ''}) is kept. Resume with a lower learning rate or "
-            f"gradient clipping: elbokit train --resume {self.setup.run_dir} --lr {cfg['lr'] / 10:g} --grad-clip {clip:g}")
+            f"gradient clipping: {resume_command(self.setup.run_dir)} --lr {cfg['lr'] / 10:g} --grad-clip {clip:g}")
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
         step = record["epoch"]

@@ -143,3 +143,31 @@ def test_a_global_batch_that_does_not_split_evenly_is_one_line_and_writes_nothin
         "Error: The batch size 64 is the global batch and must split evenly across the 3 processes; "
         "give a multiple of 3, e.g. --batch-size 63."]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_divergence_on_two_processes_stops_both_and_keeps_the_last_good_checkpoint(runs, tmp_path):
+    """A learning rate of 1e5 from epoch 4 on overflows the first update: both processes stop
+    at the same step, process 0 says so in one line, nothing of the diverged epoch is saved and
+    run.json records it; no process ends with a traceback or waits for the other."""
+    from elbokit.run import read_checkpoint
+
+    run_dir = tmp_path / "diverging"
+    shutil.copytree(runs["root"] / "whole", run_dir)
+    result = torchrun("-m", "elbokit", "train", "--resume", str(run_dir), "--max-epochs", "5", "--lr", "1e5",
+                      "--no-evaluate")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "Training diverged" in line]
+    assert len(lines) == 1 and lines[0].startswith("Error: Training diverged: "), result.stderr[-3000:]
+    assert "(epoch 4)" in lines[0] and "checkpoint (epoch 3)" in lines[0]
+    # The command it suggests resumes on as many processes (the exact resume needs them).
+    assert f"torchrun --nproc-per-node 2 -m elbokit train --resume {run_dir} --lr 10000 --grad-clip 1" in lines[0]
+    codes = re.findall(r"exitcode\s+: (-?\d+) \(pid", result.stderr)
+    assert "3" in codes and set(codes) <= {"3", "-15"}, codes  # 3: diverged, as on one process
+    assert not re.search(r"\[rank\d\]: Traceback", result.stderr)
+    kept, meta = read_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    good, _ = read_checkpoint(runs["root"] / "whole" / "checkpoints" / "last.safetensors")
+    assert meta["epoch"] == 3 and kept.keys() == good.keys()
+    assert all(torch.equal(kept[name], good[name]) for name in good)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    status = json.loads((run_dir / "run.json").read_text())["status"]
+    assert status["status"] == "diverged" and status["epoch"] == 4 and status["kept_epoch"] == 3

@@ -13,7 +13,6 @@ import typer.core
 from .common import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS_ERROR, fail, handle_errors, print_json
 
 MLFLOW_DEFAULT = "default"  # the value of a bare --mlflow
-RESUME_HINT = "elbokit train --resume {run_dir}"
 
 
 class RichReporter:
@@ -61,16 +60,6 @@ class RichReporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-
-
-def _resume_hint(run_dir: Path) -> str:
-    """How to resume; under torchrun, with the same number of processes (exact only then)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world == 1:
-        return RESUME_HINT.format(run_dir=run_dir)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
-    where = "" if local == world else f" on each of the {world // local} machines"
-    return f"torchrun --nproc-per-node {local} -m elbokit train --resume {run_dir}{where}"
 
 
 def _set(overrides: dict[str, Any], section: str, key: str, value: Any) -> None:
@@ -219,7 +208,8 @@ def train(
     """Train a VAE on an objective composed of terms, e.g. --terms recon,infonce,entropy,xent --prior gmm."""
     from elbokit import config as config_mod
     from elbokit.errors import ElbokitError
-    from elbokit.train import LineReporter, RunWriteFailed, SilentReporter, TrainingDiverged, TrainingInterrupted
+    from elbokit.train import (LineReporter, RunWriteFailed, SilentReporter, TrainingDiverged, TrainingInterrupted,
+                               resume_command)
     from elbokit.train import train as run_training
 
     o = config_overrides(
@@ -276,10 +266,12 @@ def train(
             saved = "saved before its first epoch"
         if not follower:
             print(f"Interrupted: the run is {saved} in {exc.run_dir}; resume with: "
-                  + _resume_hint(exc.run_dir), file=sys.stderr)
+                  + resume_command(exc.run_dir), file=sys.stderr)
         raise typer.Exit(128 + exc.signum if exc.signum else EXIT_INTERRUPTED) from None
     except TrainingDiverged as exc:
         reporter.stop()
+        if follower:  # process 0 says it, once
+            raise typer.Exit(EXIT_DIVERGED) from None
         fail(str(exc), EXIT_DIVERGED)
     except RunWriteFailed as exc:
         reporter.stop()
