@@ -122,7 +122,7 @@ class CheckpointSnapshot:
     the metadata already as JSON, so that training can go on changing the originals.
 
     Why not serialise at once: the CRC-32 and safetensors' encoding are most of a checkpoint's
-    cost (about 4 of 5 ms for the default model), and a best model reached between two
+    cost (about 4 of 7.5 ms for the default model), and a best model reached between two
     checkpoint writes (train.checkpoint_seconds) is usually replaced by a better one before it
     is written; the copies alone are about 0.7 ms (docs/benchmarks.md)."""
 

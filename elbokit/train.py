@@ -424,8 +424,8 @@ class _EpochTally:
     """An epoch's running sums of the loss and of each term, and its first non-finite value,
     kept on the device and read once per epoch (the steps never synchronise).
 
-    Per step it costs two small operations (the sums, and the step's row of values kept for
-    the epoch): the first step with a non-finite term or loss is found from those rows only
+    Per step it costs three small operations (stacking the step's values, adding them to the
+    sums, keeping them as the step's row): the first step with a non-finite term or loss is found from those rows only
     when asked, instead of with a dozen tiny tensor operations in every step. The sums are
     float32 and added step by step in order, so a resumed epoch adds up exactly as an
     uninterrupted one."""
