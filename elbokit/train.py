@@ -425,10 +425,10 @@ class _EpochTally:
     kept on the device and read once per epoch (the steps never synchronise).
 
     Per step it costs three small operations (stacking the step's values, adding them to the
-    sums, keeping them as the step's row): the first step with a non-finite term or loss is found from those rows only
-    when asked, instead of with a dozen tiny tensor operations in every step. The sums are
-    float32 and added step by step in order, so a resumed epoch adds up exactly as an
-    uninterrupted one."""
+    sums, keeping them as the step's row): the first step with a non-finite term or loss is
+    found from those rows only when asked, instead of with a dozen tiny tensor operations in
+    every step. The sums are float32 and added step by step in order, so a resumed epoch adds
+    up exactly as an uninterrupted one."""
 
     def __init__(self, names: list[str], start: int, steps: int, device: torch.device,
                  loss_sum: torch.Tensor | None = None, term_sums: dict[str, torch.Tensor] | None = None,
