@@ -26,6 +26,15 @@ def est(registry, quantity: str, name: str, **options):
     return registry.estimator(quantity, name)(**options)
 
 
+def value_and_grads(fn, inputs, cot):
+    """fn(*inputs) and the gradients of sum(fn(...) * cot) in each input, through fresh leaves
+    (so that two calls never share a graph); `cot` a generic cotangent, not just ones."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    (out * cot).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
 def naive_pairwise(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """S[i, j] = log N(z_i; loc_j, scale_j^2) through the (R, M, L) broadcast."""
     return D.Normal(loc[None], scale[None]).log_prob(z[:, None]).sum(-1)
@@ -91,10 +100,7 @@ def test_chunked_logsumexp_equals_naive_with_gradients(m, chunk, weighted):
     cot = torch.randn(m, dtype=torch.float64)  # a generic cotangent, not just ones
 
     def grads(fn):
-        leaves = [t.detach().clone().requires_grad_() for t in (z, loc, scale)]
-        out = fn(*leaves)
-        (out * cot).sum().backward()
-        return out.detach(), [t.grad for t in leaves]
+        return value_and_grads(fn, (z, loc, scale), cot)
 
     def naive(zz, ll, ss):
         s = naive_pairwise(zz, ll, ss)
@@ -703,10 +709,7 @@ def test_chunked_score_logsumexp_equals_dense_with_gradients(m, chunk):
     cot = torch.randn(m, dtype=torch.float64, generator=g)
 
     def grads(fn):
-        leaves = [t.detach().clone().requires_grad_() for t in (a, b)]
-        out = fn(*leaves)
-        (out * cot).sum().backward()
-        return out.detach(), [t.grad for t in leaves]
+        return value_and_grads(fn, (a, b), cot)
 
     dense, g_dense = grads(lambda x, y: torch.logsumexp(3.0 * x @ y.T, dim=1))
     chunked, g_chunked = grads(lambda x, y: logsumexp_scores(x, y, 3.0, chunk=chunk, max_unchunked=0,
@@ -750,10 +753,7 @@ def test_pairwise_logsumexp_with_far_pairs_equals_torch_with_gradients(dtype):
     cot = torch.randn(m, generator=g, dtype=dtype)
 
     def grads(fn):
-        leaves = [t.detach().clone().requires_grad_() for t in (z, loc, scale)]
-        out = fn(*leaves)
-        (out * cot).sum().backward()
-        return out.detach(), [t.grad for t in leaves]
+        return value_and_grads(fn, (z, loc, scale), cot)
 
     def reference(zz, ll, ss):
         return torch.logsumexp(pairwise_gaussian_log_density(zz, ll, ss), dim=1)
@@ -829,10 +829,7 @@ def test_gaussian_mixture_logsumexp_backward_equals_autograd_through_the_factors
     weights = (-math.log(m - 1), {0: -math.log(1000), 1: -2.0}) if circulant else None
 
     def grads(fn):
-        leaves = [t.detach().clone().requires_grad_() for t in (z, loc, scale, diag)]
-        out = fn(*leaves)
-        (out * cot).sum().backward()
-        return out.detach(), [t.grad for t in leaves]
+        return value_and_grads(fn, (z, loc, scale, diag), cot)
 
     def through_factors(zz, ll, ss, dd):
         left, right, out_dtype = _gaussian_factors(zz, ll, ss)
